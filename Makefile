@@ -1,0 +1,44 @@
+# hpp-csi: every target installs what it needs first and is safe to run twice.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_STAMP := $(VENV)/.system-deps
+PY_STAMP := $(VENV)/.python-deps
+
+.PHONY: all install demo test lint bench protos clean
+
+all: install
+
+$(SYSTEM_STAMP): scripts/install-system-deps.sh
+	@mkdir -p $(VENV)
+	scripts/install-system-deps.sh
+	@touch $@
+
+$(PY_STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade -c requirements.lock pip setuptools wheel
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+install: $(SYSTEM_STAMP) $(PY_STAMP)
+
+protos: $(PY_STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check hpp_csi importer tests bench scripts
+	$(BIN)/mypy hpp_csi importer
+
+bench: install
+	$(BIN)/python bench/csi_ops.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

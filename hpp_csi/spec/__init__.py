@@ -1,0 +1,1 @@
+"""Python stubs generated from protos/csi.proto by `make protos`; never edit by hand."""
