@@ -1,0 +1,82 @@
+"""`hpp-csi`: serve the driver, talk to it (ctl), print the version."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+from hpp_csi import ctl, logs
+from hpp_csi.config import ConfigError, PoolConfig, load_cr, parse_datadir
+from hpp_csi.pools import PoolError
+from hpp_csi.server import DEFAULT_DRIVER_NAME, Driver, DriverOptions, EndpointError
+
+DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
+
+
+def own_version() -> str:
+    try:
+        return package_version("hpp-csi")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser("serve", help="run the CSI driver on a unix socket")
+    serve.add_argument("--drivername", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
+    serve.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
+    serve.add_argument("--nodeid", required=True, help="this node's name (the topology value)")
+    serve.add_argument("--version", default=own_version(), help="version reported by GetPluginInfo")
+    pools = serve.add_mutually_exclusive_group(required=True)
+    pools.add_argument("--datadir", help='JSON array of pools: [{"name": "legacy", "path": "/var/hpvolumes"}]')
+    pools.add_argument("--config", type=Path, help="a HostPathProvisioner CR (YAML or JSON) with spec.storagePools")
+    serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (off when not given)")
+    serve.add_argument("--workers", type=int, default=16, help="threads serving calls")
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at SIGTERM")
+    serve.set_defaults(func=run_serve)
+
+
+def load_pools(opts: argparse.Namespace) -> list[PoolConfig]:
+    return parse_datadir(opts.datadir) if opts.datadir is not None else load_cr(opts.config)
+
+
+def run_serve(opts: argparse.Namespace) -> int:
+    try:
+        pools = load_pools(opts)
+        driver = Driver(DriverOptions(
+            node_id=opts.nodeid, endpoint=opts.endpoint, pools=pools, driver_name=opts.drivername,
+            version=opts.version, metrics_address=opts.metrics_address, workers=opts.workers,
+        ))
+        driver.start()
+    except (ConfigError, PoolError, EndpointError, OSError) as exc:
+        print(f"hpp-csi: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    driver.stop(opts.grace)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hpp-csi", description="KubeVirt hostpath provisioner CSI driver")
+    parser.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity (klog levels)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    ctl.add_parser(sub)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda _opts: print(own_version()) or 0)
+    opts = parser.parse_args(argv)
+    logs.setup(opts.log_format, opts.verbosity)
+    result: int = opts.func(opts)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Prometheus metrics: per-pool capacity read at scrape time, per-RPC counts, errors and latency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from hpp_csi.pools import check_path_not_shared
+from hpp_csi.volumes import VolumeManager
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PoolCollector(Collector):
+    """Reads pool capacity when Prometheus scrapes, so the figures are never stale."""
+
+    def __init__(self, manager: VolumeManager) -> None:
+        self.manager = manager
+        self.shared_with_os = {name: check_path_not_shared(pool) for name, pool in manager.pools.items()}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        shared = GaugeMetricFamily(
+            "kubevirt_hpp_pool_path_shared_with_os",
+            "1 when the storage pool is on the same filesystem as the operating system",
+            labels=["pool"],
+        )
+        total = GaugeMetricFamily("hpp_csi_pool_capacity_bytes", "Size of the pool's filesystem", labels=["pool"])
+        available = GaugeMetricFamily("hpp_csi_pool_available_bytes", "Bytes available for new data", labels=["pool"])
+        used = GaugeMetricFamily("hpp_csi_pool_used_bytes", "Bytes used on the pool's filesystem", labels=["pool"])
+        volumes = GaugeMetricFamily("hpp_csi_pool_volumes", "Volumes in the pool", labels=["pool"])
+        counts = self.manager.count_by_pool()
+        for name, pool in self.manager.pools.items():
+            shared.add_metric([name], 1.0 if self.shared_with_os[name] else 0.0)
+            volumes.add_metric([name], counts.get(name, 0))
+            try:
+                capacity = pool.capacity()
+            except OSError:
+                continue
+            total.add_metric([name], capacity.total_bytes)
+            available.add_metric([name], capacity.available_bytes)
+            used.add_metric([name], capacity.used_bytes)
+        yield from (shared, total, available, used, volumes)
+
+
+class DriverMetrics:
+    """The driver's own registry (no process-global state), with the RPC instruments."""
+
+    def __init__(self, manager: VolumeManager) -> None:
+        self.registry = CollectorRegistry()
+        self.pools = PoolCollector(manager)
+        self.registry.register(self.pools)
+        self.rpc_total = Counter(
+            "hpp_csi_rpc_total", "CSI calls served, by method and gRPC status code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_errors = Counter(
+            "hpp_csi_rpc_errors_total", "CSI calls that ended with an error, by method and code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_latency = Histogram(
+            "hpp_csi_rpc_duration_seconds", "Time to serve a CSI call", ["method"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.rpc_total.labels(method, code).inc()
+        if code != "OK":
+            self.rpc_errors.labels(method, code).inc()
+        self.rpc_latency.labels(method).observe(seconds)

@@ -1,0 +1,209 @@
+"""Mounting through mount(2)/umount2(2) and reading /proc/self/mountinfo: no `mount` process is forked."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# Per-mount-point flags a bind mount can carry, as a user writes them in mount options.
+BIND_FLAGS: dict[str, int] = {
+    "ro": MS_RDONLY,
+    "rw": 0,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "bind": 0,
+    "defaults": 0,
+}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+# The per-mount options mountinfo shows for the flags above, to tell whether a mount carries what was asked.
+VISIBLE_OPTIONS: dict[int, str] = {
+    MS_RDONLY: "ro",
+    MS_NOSUID: "nosuid",
+    MS_NODEV: "nodev",
+    MS_NOEXEC: "noexec",
+    MS_NOATIME: "noatime",
+    MS_NODIRATIME: "nodiratime",
+}
+
+
+def visible_options(flags: int) -> frozenset[str]:
+    return frozenset(name for bit, name in VISIBLE_OPTIONS.items() if flags & bit)
+
+
+class UnknownMountFlag(ValueError):
+    """A mount option that cannot apply to a bind mount."""
+
+
+def bind_flags(options: list[str]) -> int:
+    """Translate mount options (possibly comma-joined) into MS_* flags for a bind mount."""
+    flags = 0
+    for option in (part.strip() for item in options for part in item.split(",")):
+        if not option:
+            continue
+        if option not in BIND_FLAGS:
+            known = ", ".join(sorted(BIND_FLAGS))
+            raise UnknownMountFlag(f"mount option {option!r} cannot apply to a bind mount (supported: {known})")
+        flags |= BIND_FLAGS[option]
+    return flags
+
+
+def _encode(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str | None = None,
+          flags: int = 0, data: str | None = None) -> None:
+    """mount(2); raises OSError with the paths in the message."""
+    if _libc.mount(_encode(source), _encode(target), _encode(fstype), flags, _encode(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def bind_mount(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int = 0) -> None:
+    """Bind `source` on `target`, then apply per-mount flags (a bind ignores them on the first call)."""
+    mount(source, target, None, MS_BIND)
+    extra = flags & ~MS_BIND
+    if extra:
+        try:
+            mount("none", target, None, MS_BIND | MS_REMOUNT | extra)
+        except OSError:
+            umount(target)
+            raise
+
+
+def umount(target: str | os.PathLike[str], lazy: bool = False) -> None:
+    """umount2(2) without following a symlink at the target."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    if _libc.umount2(_encode(target), flags) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and not is_mount_point(target):
+            return
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    options: frozenset[str]
+    fstype: str
+    source: str
+    super_options: frozenset[str]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Parse mountinfo text (see proc(5)); optional fields end at the lone '-'."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10:
+            continue
+        sep = fields.index("-", 6)
+        major, minor = fields[2].split(":")
+        entries.append(
+            MountEntry(
+                mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
+                major=int(major),
+                minor=int(minor),
+                root=_unescape(fields[3]),
+                mount_point=_unescape(fields[4]),
+                options=frozenset(fields[5].split(",")),
+                fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+                super_options=frozenset(fields[sep + 3].split(",")),
+            )
+        )
+    return entries
+
+
+def mount_table() -> list[MountEntry]:
+    """The current mounts of this process's namespace."""
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
+def mounts_at(target: str | os.PathLike[str], table: list[MountEntry] | None = None) -> list[MountEntry]:
+    """Mounts stacked on `target`, oldest first."""
+    path = os.path.normpath(os.fspath(target))
+    return [m for m in (table if table is not None else mount_table()) if m.mount_point == path]
+
+
+def is_mount_point(target: str | os.PathLike[str], table: list[MountEntry] | None = None) -> bool:
+    return bool(mounts_at(target, table))
+
+
+def mount_containing(path: str | os.PathLike[str], table: list[MountEntry] | None = None) -> MountEntry:
+    """The mount whose mount point is the longest prefix of `path` (the filesystem holding it)."""
+    real = os.path.realpath(path)
+    best: MountEntry | None = None
+    for entry in table if table is not None else mount_table():
+        mp = entry.mount_point
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = entry
+    if best is None:
+        raise FileNotFoundError(f"no mount holds {path}")
+    return best
+
+
+def fs_path(path: str | os.PathLike[str], table: list[MountEntry] | None = None) -> tuple[int, int, str]:
+    """(major, minor, path inside its filesystem): how mountinfo names `path` as the root of a bind mount."""
+    entry = mount_containing(path, table)
+    real = os.path.realpath(path)
+    rel = os.path.relpath(real, entry.mount_point)
+    inner = os.path.normpath(os.path.join(entry.root, rel)) if rel != "." else entry.root
+    return entry.major, entry.minor, inner

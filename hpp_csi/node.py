@@ -1,0 +1,218 @@
+"""CSI Node service: bind mounts of volume directories onto the targets kubelet asks for."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import grpc
+
+from hpp_csi import errors, names
+from hpp_csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
+from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, mounts_at, umount, visible_options
+from hpp_csi.publications import Publications
+from hpp_csi.spec import csi_pb2 as csi
+from hpp_csi.spec import csi_pb2_grpc as csi_grpc
+from hpp_csi.topology import node_topology
+from hpp_csi.volumes import POOL_PARAMETER, SIZE_ENFORCED_KEY, CreateSpec, Volume, VolumeManager
+
+log = logging.getLogger(__name__)
+
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+NodeRPC = csi.NodeServiceCapability.RPC
+CAPABILITIES = (NodeRPC.GET_VOLUME_STATS, NodeRPC.VOLUME_CONDITION, NodeRPC.SINGLE_NODE_MULTI_WRITER)
+
+
+@dataclass(frozen=True)
+class Usage:
+    used_bytes: int
+    inodes: int
+
+
+def tree_usage(path: str) -> Usage:
+    """Allocated bytes and inodes under `path`, never following a symlink (a pod may plant them)."""
+    used, inodes = 0, 0
+    stack = [path]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    used += st.st_blocks * 512
+                    inodes += 1
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+        except FileNotFoundError:
+            continue
+    root = os.lstat(path)
+    return Usage(used + root.st_blocks * 512, inodes + 1)
+
+
+def open_dir_nofollow(path: str) -> int:
+    """An O_PATH handle on a directory that is not a symlink, so a mount cannot be redirected by one."""
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise errors.failed_precondition(f"{path} is a symlink or not a directory; refusing to mount there") \
+                from exc
+        raise
+
+
+class NodeService(csi_grpc.NodeServicer):
+    def __init__(self, manager: VolumeManager, node_id: str) -> None:
+        self.manager = manager
+        self.node_id = node_id
+
+    # --- publish --------------------------------------------------------------------------------------------
+    def NodePublishVolume(
+        self, request: csi.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi.NodePublishVolumeResponse:
+        volume_id = names.volume_id(request.volume_id)
+        target = names.target_path(request.target_path)
+        if not request.HasField("volume_capability"):
+            raise errors.invalid_argument("volume_capability is required")
+        capability = request.volume_capability
+        reason = unsupported_reason(capability, block_supported=False)
+        if reason:
+            raise errors.invalid_argument(reason)
+        flags = bind_flags(list(capability.mount.mount_flags))
+        if request.readonly or capability.access_mode.mode in READ_ONLY_MODES:
+            flags |= MS_RDONLY
+        ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
+        with self.manager.locks.hold(volume_id):
+            volume = self._ephemeral(volume_id, dict(request.volume_context)) if ephemeral else \
+                self.manager.get(volume_id)
+            try:
+                self._publish(volume, target, flags, capability.access_mode.mode)
+            except Exception:
+                if ephemeral and not Publications().targets(volume.path):
+                    self.manager.delete(volume_id)
+                raise
+        return csi.NodePublishVolumeResponse()
+
+    def _ephemeral(self, volume_id: str, volume_context: dict[str, str]) -> Volume:
+        """Inline ephemeral volumes are created at publish and deleted at unpublish, as HPP does."""
+        pool = self.manager.pool_for(volume_context, fallback_to_first=True)
+        spec = CreateSpec(volume_id=volume_id, pool=pool, capacity_bytes=0, ephemeral=True)
+        volume, created = self.manager.create(spec, {POOL_PARAMETER: pool.name, SIZE_ENFORCED_KEY: "false"})
+        if not volume.record.ephemeral:
+            raise errors.already_exists(f"volume {volume_id!r} exists and is not an ephemeral volume")
+        if created:
+            log.info("created ephemeral volume %s in pool %s", volume_id, pool.name)
+        return volume
+
+    def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
+        if not volume.exists_on_disk():
+            raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
+        publications = Publications()
+        stacked = mounts_at(target, publications.table)
+        if stacked:
+            top = stacked[-1]
+            wanted = visible_options(flags)
+            same_source = publications.is_source_of(volume.path, target)
+            if same_source and wanted <= top.options and (top.read_only == bool(flags & MS_RDONLY)):
+                return
+            what = f"volume {volume.volume_id!r}" if same_source else "another volume or filesystem"
+            raise errors.already_exists(
+                f"{target} is already mounted from {what} with options {','.join(sorted(top.options))}; "
+                "unpublish it before publishing with other options"
+            )
+        if mode == AccessMode.SINGLE_NODE_SINGLE_WRITER:
+            others = publications.targets(volume.path)
+            if others:
+                raise errors.failed_precondition(
+                    f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                    f"{', '.join(others)}"
+                )
+        os.makedirs(target, mode=0o750, exist_ok=True)
+        source_fd = open_dir_nofollow(str(volume.path))
+        target_fd = open_dir_nofollow(target)
+        try:
+            bind_mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", flags)
+        finally:
+            os.close(source_fd)
+            os.close(target_fd)
+        log.info("published volume %s at %s%s", volume.volume_id, target, " (read-only)" if flags & MS_RDONLY else "")
+
+    # --- unpublish ------------------------------------------------------------------------------------------
+    def NodeUnpublishVolume(
+        self, request: csi.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi.NodeUnpublishVolumeResponse:
+        volume_id = names.volume_id(request.volume_id)
+        target = names.target_path(request.target_path)
+        with self.manager.locks.hold(volume_id):
+            while mounts_at(target):
+                umount(target)
+            self._remove_target(target)
+            volume = self.manager.find(volume_id)
+            if volume is not None and volume.record.ephemeral and not Publications().targets(volume.path):
+                self.manager.delete(volume_id)
+                log.info("deleted ephemeral volume %s", volume_id)
+        log.info("unpublished volume %s from %s", volume_id, target)
+        return csi.NodeUnpublishVolumeResponse()
+
+    @staticmethod
+    def _remove_target(target: str) -> None:
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                os.rmdir(target)
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    raise errors.failed_precondition(
+                        f"{target} is not a mount point but holds files; refusing to delete them"
+                    ) from exc
+                raise
+        else:
+            os.unlink(target)
+
+    # --- stats, info ----------------------------------------------------------------------------------------
+    def NodeGetVolumeStats(
+        self, request: csi.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi.NodeGetVolumeStatsResponse:
+        volume_id = names.volume_id(request.volume_id)
+        if not request.volume_path:
+            raise errors.invalid_argument("volume_path is required")
+        volume = self.manager.get(volume_id)
+        volume_path = os.path.normpath(request.volume_path)
+        if not os.path.isabs(volume_path) or not os.path.lexists(volume_path):
+            raise errors.not_found(f"volume path {request.volume_path!r} does not exist")
+        fs = volume.pool.capacity()
+        if not volume.exists_on_disk():
+            condition = csi.VolumeCondition(abnormal=True, message=f"volume data {volume.path} is missing")
+            return csi.NodeGetVolumeStatsResponse(volume_condition=condition)
+        usage = tree_usage(str(volume.path))
+        capacity = volume.record.capacity_bytes
+        total = capacity or fs.total_bytes
+        available = min(max(capacity - usage.used_bytes, 0), fs.available_bytes) if capacity else fs.available_bytes
+        if Publications().is_source_of(volume.path, volume_path) or volume_path == str(volume.path):
+            condition = csi.VolumeCondition(abnormal=False, message="volume is healthy")
+        else:
+            condition = csi.VolumeCondition(abnormal=True, message=f"{volume_path} is not a mount of the volume")
+        Unit = csi.VolumeUsage.Unit
+        return csi.NodeGetVolumeStatsResponse(
+            usage=[
+                csi.VolumeUsage(unit=Unit.BYTES, total=total, used=usage.used_bytes, available=available),
+                csi.VolumeUsage(unit=Unit.INODES, total=fs.total_inodes, used=usage.inodes,
+                                available=fs.free_inodes),
+            ],
+            volume_condition=condition,
+        )
+
+    def NodeGetCapabilities(
+        self, request: csi.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi.NodeGetCapabilitiesResponse:
+        return csi.NodeGetCapabilitiesResponse(
+            capabilities=[csi.NodeServiceCapability(rpc=NodeRPC(type=kind)) for kind in CAPABILITIES]
+        )
+
+    def NodeGetInfo(self, request: csi.NodeGetInfoRequest, context: grpc.ServicerContext) -> csi.NodeGetInfoResponse:
+        return csi.NodeGetInfoResponse(node_id=self.node_id, accessible_topology=node_topology(self.node_id))

@@ -1,0 +1,141 @@
+"""StoragePool: one configured pool on this node, its layout on disk and its capacity."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpp_csi.config import PoolConfig
+from hpp_csi.names import RESERVED_NAMES
+from hpp_csi.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """A pool cannot be used; the message names the pool and the path."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    free_inodes: int
+
+
+class StoragePool:
+    """A folder holding volumes, one entry per volume, with the driver's metadata in a hidden folder beside them."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.volumes_dir = config.volumes_dir
+        self.store = MetadataStore(config.volumes_dir)
+
+    def prepare(self) -> None:
+        """Create the pool's folders, or explain why they cannot be."""
+        try:
+            self.volumes_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PoolError(
+                f"storage pool {self.name!r}: path {self.volumes_dir} does not exist and cannot be created: "
+                f"{exc.strerror}"
+            ) from exc
+        if self.volumes_dir.is_symlink() or not self.volumes_dir.is_dir():
+            raise PoolError(f"storage pool {self.name!r}: {self.volumes_dir} is not a directory")
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            raise PoolError(f"storage pool {self.name!r}: cannot write in {self.volumes_dir}: {exc.strerror}") from exc
+
+    def problem(self) -> str | None:
+        """Why the pool cannot serve calls now, or None when it can."""
+        if not self.store.records_dir.is_dir():
+            return f"storage pool {self.name!r}: {self.volumes_dir} is missing"
+        if not os.access(self.store.records_dir, os.W_OK):
+            return f"storage pool {self.name!r}: {self.volumes_dir} is not writable"
+        try:
+            os.statvfs(self.volumes_dir)
+        except OSError as exc:
+            return f"storage pool {self.name!r}: statfs {self.volumes_dir} failed: {exc.strerror}"
+        return None
+
+    def capacity(self) -> Capacity:
+        st = os.statvfs(self.volumes_dir)
+        total = st.f_blocks * st.f_frsize
+        return Capacity(
+            total_bytes=total,
+            available_bytes=st.f_bavail * st.f_frsize,
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            total_inodes=st.f_files,
+            free_inodes=st.f_favail,
+        )
+
+    def shares_os_filesystem(self) -> bool:
+        """True when the pool sits on the filesystem of `/` (the seed warns: it can fill the OS partition)."""
+        return os.stat(self.volumes_dir).st_dev == os.stat("/").st_dev
+
+    def volume_path(self, volume_id: str) -> Path:
+        return self.volumes_dir / volume_id
+
+    def scan(self) -> set[str]:
+        """IDs of the volumes present: metadata files, and entries on disk (volumes made before a crash or by
+        HPP's Go driver, which keeps no metadata)."""
+        ids = set(self.store.ids())
+        with os.scandir(self.volumes_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name in RESERVED_NAMES:
+                    continue
+                if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                    ids.add(entry.name)
+        return ids
+
+    def discard(self, volume_id: str) -> None:
+        """Remove a volume's data: first moved aside atomically, then deleted without following symlinks."""
+        source = self.volume_path(volume_id)
+        trashed = self.store.trash_dir / f"{volume_id}.{time.time_ns()}"
+        try:
+            os.rename(source, trashed)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            trashed = source  # a mount point in the way: delete in place
+        self._delete(trashed)
+
+    def purge_trash(self) -> None:
+        """Finish deletions a crash interrupted."""
+        with os.scandir(self.store.trash_dir) as entries:
+            for entry in entries:
+                self._delete(Path(entry.path))
+
+    @staticmethod
+    def _delete(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"StoragePool({self.name!r}, {str(self.volumes_dir)!r})"
+
+
+def check_path_not_shared(pool: StoragePool) -> bool:
+    """Log the seed's warning when a pool shares the OS filesystem; return whether it does."""
+    shared = pool.shares_os_filesystem()
+    if shared:
+        log.warning(
+            "storage pool %r at %s is on the same filesystem as /: volumes can fill the operating system's "
+            "partition and make the node unstable; use a dedicated filesystem",
+            pool.name,
+            pool.volumes_dir,
+        )
+    return shared

@@ -1,0 +1,152 @@
+"""Wires the driver: pools, CSI services, health, reflection, metrics and the unix socket."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from hpp_csi.config import PoolConfig
+from hpp_csi.controller import ControllerService
+from hpp_csi.identity import IdentityService
+from hpp_csi.metrics import DriverMetrics
+from hpp_csi.node import NodeService
+from hpp_csi.pools import StoragePool
+from hpp_csi.rpc import CsiInterceptor, InFlight
+from hpp_csi.spec import csi_pb2
+from hpp_csi.spec import csi_pb2_grpc as csi_grpc
+from hpp_csi.volumes import VolumeManager
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRIVER_NAME = "kubevirt.io.hostpath-provisioner"
+CSI_SERVICES = ("Identity", "Controller", "Node")
+
+
+class EndpointError(RuntimeError):
+    """The socket cannot be served: wrong form, or another driver is listening on it."""
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    node_id: str
+    endpoint: str
+    pools: list[PoolConfig]
+    driver_name: str = DEFAULT_DRIVER_NAME
+    version: str = "dev"
+    metrics_address: str | None = None
+    workers: int = 16
+
+
+def socket_path(endpoint: str) -> Path:
+    """`unix:///path`, `unix:/path` or a bare absolute path -> the socket's path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:"):]
+    elif endpoint.startswith("/"):
+        path = endpoint
+    else:
+        raise EndpointError(f"endpoint {endpoint!r} must be unix:///path/to/csi.sock")
+    # HPP reads unix://tmp/csi.sock as /tmp/csi.sock; accept the same spelling.
+    return Path("/" + path.lstrip("/"))
+
+
+def claim_socket(path: Path) -> None:
+    """Remove a stale socket left by a dead driver; refuse a live one or anything that is not a socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.lexists(path):
+        return
+    if not path.is_socket():
+        raise EndpointError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        log.info("removing stale socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise EndpointError(f"another process is serving {path}; stop it first")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise EndpointError(f"metrics address {address!r} must be host:port or :port")
+    return host or "0.0.0.0", int(port)
+
+
+class Driver:
+    """A running driver; `start()` then `stop()`."""
+
+    def __init__(self, options: DriverOptions) -> None:
+        self.options = options
+        self.pools = [StoragePool(config) for config in options.pools]
+        self.manager = VolumeManager(self.pools)
+        self.metrics: DriverMetrics | None = None
+        self.in_flight = InFlight()
+        self.health = health.HealthServicer()
+        self.socket = socket_path(options.endpoint)
+        self._server: grpc.Server | None = None
+        self._metrics_server: Any = None
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        for pool in self.pools:
+            pool.prepare()
+        self.manager.load()
+        metrics = self.metrics = DriverMetrics(self.manager)
+        claim_socket(self.socket)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="csi"),
+            interceptors=[CsiInterceptor(metrics, self.in_flight)],
+        )
+        o = self.options
+        csi_grpc.add_IdentityServicer_to_server(IdentityService(o.driver_name, o.version, self.manager), server)
+        csi_grpc.add_ControllerServicer_to_server(ControllerService(self.manager, o.node_id), server)
+        csi_grpc.add_NodeServicer_to_server(NodeService(self.manager, o.node_id), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [csi_pb2.DESCRIPTOR.services_by_name[s].full_name for s in CSI_SERVICES]
+        for name in ("", *names):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_insecure_port(f"unix://{self.socket}")
+        server.start()
+        self._server = server
+        if o.metrics_address:
+            host, port = split_address(o.metrics_address)
+            self._metrics_server = start_http_server(port, host, registry=metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        log.info("%s %s serving %s on node %s with %d volume(s) in pools %s", o.driver_name, o.version, self.socket,
+                 o.node_id, self.manager.count(), ", ".join(p.name for p in self.pools))
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop taking calls, let in-flight calls finish (up to `grace` seconds), remove the socket."""
+        if self._server is None:
+            return
+        self.health.enter_graceful_shutdown()
+        log.info("stopping: waiting for %d call(s) in flight", self.in_flight.count)
+        self._server.stop(grace).wait()
+        self._server = None
+        if self._metrics_server is not None:
+            http_server, _thread = self._metrics_server
+            http_server.shutdown()
+            self._metrics_server = None
+        self.socket.unlink(missing_ok=True)
+        self.stopped.set()
+        log.info("stopped")
