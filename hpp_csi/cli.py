@@ -25,8 +25,16 @@ def own_version() -> str:
         return "dev"
 
 
+def logging_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """-v and --log-format, accepted before and after the subcommand (the HPP container passes --v=N after)."""
+    parser.add_argument("-v", "--v", dest="verbosity", type=int, help="log verbosity (klog levels)",
+                        default=2 if defaults else argparse.SUPPRESS)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text" if defaults else argparse.SUPPRESS)
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = sub.add_parser("serve", help="run the CSI driver on a unix socket")
+    logging_flags(serve, defaults=False)
     serve.add_argument("--drivername", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
     serve.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
     serve.add_argument("--nodeid", required=True, help="this node's name (the topology value)")
@@ -65,8 +73,7 @@ def run_serve(opts: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpp-csi", description="KubeVirt hostpath provisioner CSI driver")
-    parser.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity (klog levels)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    logging_flags(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     ctl.add_parser(sub)

@@ -42,6 +42,15 @@ BIND_FLAGS: dict[str, int] = {
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+STATX_BASIC_STATS = 0x7FF
+STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_SIZE = 256
+_STATX_ATTRIBUTES = slice(8, 16)
+_STATX_ATTRIBUTES_MASK = slice(56, 64)
 
 
 # The per-mount options mountinfo shows for the flags above, to tell whether a mount carries what was asked.
@@ -171,9 +180,26 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
 def mount_table() -> list[MountEntry]:
     """The current mounts of this process's namespace."""
-    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return parse_mountinfo(MOUNTINFO.read_text())
+
+
+def mount_sources(text: str | None = None) -> dict[tuple[int, int, str], list[str]]:
+    """(major, minor, root) -> mount points, parsing only the three fields needed: a node with hundreds of
+    mounts answers 'where is this directory bind-mounted?' without building a full table."""
+    index: dict[tuple[int, int, str], list[str]] = {}
+    for line in (text if text is not None else MOUNTINFO.read_text()).splitlines():
+        fields = line.split(" ", 5)
+        if len(fields) < 5:
+            continue
+        major, _, minor = fields[2].partition(":")
+        key = (int(major), int(minor), _unescape(fields[3]))
+        index.setdefault(key, []).append(_unescape(fields[4]))
+    return index
 
 
 def mounts_at(target: str | os.PathLike[str], table: list[MountEntry] | None = None) -> list[MountEntry]:
@@ -182,7 +208,27 @@ def mounts_at(target: str | os.PathLike[str], table: list[MountEntry] | None = N
     return [m for m in (table if table is not None else mount_table()) if m.mount_point == path]
 
 
+def _mount_root_flag(target: str | os.PathLike[str]) -> bool | None:
+    """statx(2)'s STATX_ATTR_MOUNT_ROOT: two syscalls instead of reading the whole mount table; None when the
+    kernel cannot tell (before 5.8)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(AT_FDCWD, _encode(target), AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS, buf) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        return None
+    raw = buf.raw
+    if not int.from_bytes(raw[_STATX_ATTRIBUTES_MASK], "little") & STATX_ATTR_MOUNT_ROOT:
+        return None
+    return bool(int.from_bytes(raw[_STATX_ATTRIBUTES], "little") & STATX_ATTR_MOUNT_ROOT)
+
+
 def is_mount_point(target: str | os.PathLike[str], table: list[MountEntry] | None = None) -> bool:
+    """Whether something is mounted on `target` (the kernel's answer, never a remembered one)."""
+    if table is None:
+        flag = _mount_root_flag(target)
+        if flag is not None:
+            return flag
     return bool(mounts_at(target, table))
 
 

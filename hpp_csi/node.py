@@ -12,7 +12,7 @@ import grpc
 
 from hpp_csi import errors, names
 from hpp_csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
-from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, mounts_at, umount, visible_options
+from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
 from hpp_csi.publications import Publications
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
@@ -109,10 +109,9 @@ class NodeService(csi_grpc.NodeServicer):
     def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
         if not volume.exists_on_disk():
             raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
-        publications = Publications()
-        stacked = mounts_at(target, publications.table)
-        if stacked:
-            top = stacked[-1]
+        if is_mount_point(target):
+            publications = Publications()
+            top = mounts_at(target, publications.table)[-1]
             wanted = visible_options(flags)
             same_source = publications.is_source_of(volume.path, target)
             if same_source and wanted <= top.options and (top.read_only == bool(flags & MS_RDONLY)):
@@ -123,7 +122,7 @@ class NodeService(csi_grpc.NodeServicer):
                 "unpublish it before publishing with other options"
             )
         if mode == AccessMode.SINGLE_NODE_SINGLE_WRITER:
-            others = publications.targets(volume.path)
+            others = Publications().targets(volume.path)
             if others:
                 raise errors.failed_precondition(
                     f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
@@ -146,7 +145,7 @@ class NodeService(csi_grpc.NodeServicer):
         volume_id = names.volume_id(request.volume_id)
         target = names.target_path(request.target_path)
         with self.manager.locks.hold(volume_id):
-            while mounts_at(target):
+            while is_mount_point(target):
                 umount(target)
             self._remove_target(target)
             volume = self.manager.find(volume_id)

@@ -5,27 +5,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hpp_csi.mounts import MountEntry, mount_containing, mount_table
+from hpp_csi.mounts import MOUNTINFO, MountEntry, mount_sources, parse_mountinfo
 
 
 class Publications:
     """A snapshot of the mount table that answers 'where is this volume bind-mounted?'."""
 
-    def __init__(self, table: list[MountEntry] | None = None) -> None:
-        self.table = table if table is not None else mount_table()
-        self._by_source: dict[tuple[int, int, str], list[str]] = {}
-        for entry in self.table:
-            self._by_source.setdefault((entry.major, entry.minor, entry.root), []).append(entry.mount_point)
+    def __init__(self) -> None:
+        self._text = MOUNTINFO.read_text()
+        self._by_source = mount_sources(self._text)
+        self._table: list[MountEntry] | None = None
         self._fs_of_dir: dict[str, tuple[int, int, str]] = {}
+
+    @property
+    def table(self) -> list[MountEntry]:
+        """The full table, parsed only when a caller needs more than sources and mount points."""
+        if self._table is None:
+            self._table = parse_mountinfo(self._text)
+        return self._table
 
     def _source_key(self, path: Path) -> tuple[int, int, str]:
         """How mountinfo names `path` as a bind-mount source; the parent's answer is cached (one pool)."""
         parent = str(path.parent)
         if parent not in self._fs_of_dir:
-            entry = mount_containing(parent, self.table)
-            rel = os.path.relpath(os.path.realpath(parent), entry.mount_point)
-            inner = entry.root if rel == "." else os.path.normpath(os.path.join(entry.root, rel))
-            self._fs_of_dir[parent] = (entry.major, entry.minor, inner)
+            real = os.path.realpath(parent)
+            best: tuple[int, int, str, str] | None = None
+            for (major, minor, root), points in self._by_source.items():
+                for point in points:
+                    inside = real == point or real.startswith(point.rstrip("/") + "/")
+                    if inside and (best is None or len(point) >= len(best[3])):
+                        best = (major, minor, root, point)
+            if best is None:
+                raise FileNotFoundError(f"no mount holds {parent}")
+            major, minor, root, point = best
+            rel = os.path.relpath(real, point)
+            inner = root if rel == "." else os.path.normpath(os.path.join(root, rel))
+            self._fs_of_dir[parent] = (major, minor, inner)
         major, minor, inner = self._fs_of_dir[parent]
         return major, minor, os.path.join(inner, path.name)
 

@@ -1,0 +1,176 @@
+"""`make demo`: a real driver on a local socket and pool, driven through a visible volume lifecycle with
+`hpp-csi ctl`, and a real disk import into the published volume. Everything it makes lives in ./demo-run."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+RUN = ROOT / "demo-run"
+SOCKET = RUN / "csi.sock"
+POOL = RUN / "pool"
+TARGET = RUN / "pods" / "demo-pod" / "volumes" / "disk"
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def ctl(*args: str) -> str:
+    command = [str(BIN / "hpp-csi"), "ctl", "--endpoint", f"unix://{SOCKET}", *args]
+    print("$ hpp-csi ctl " + " ".join(args), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    output = (result.stdout + result.stderr).rstrip()
+    print(output, flush=True)
+    if result.returncode != 0:
+        raise SystemExit(f"demo failed at: hpp-csi ctl {' '.join(args)}")
+    return output
+
+
+def cleanup_leftovers() -> None:
+    """A previous demo killed half-way may have left a mount under demo-run: unmount it before wiping."""
+    if not RUN.exists():
+        return
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        point = line.split(" ")[4]
+        if point.startswith(str(RUN) + "/"):
+            subprocess.run(["umount", point], check=False)
+    shutil.rmtree(RUN)
+
+
+@contextlib.contextmanager
+def driver() -> Iterator[subprocess.Popen[bytes]]:
+    say("starting the driver: hpp-csi serve on a local socket with a directory pool")
+    command = [str(BIN / "hpp-csi"), "serve", "--endpoint", f"unix://{SOCKET}", "--nodeid", os.uname().nodename,
+               "--datadir", f'[{{"name": "legacy", "path": "{POOL}"}}]']
+    print("$ " + " ".join(command), flush=True)
+    proc = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 30
+        while not SOCKET.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the driver did not start")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        say("stopping the driver (SIGTERM: in-flight calls drain, the socket is removed)")
+        proc.terminate()
+        proc.wait(30)
+        print(f"driver exited with {proc.returncode}; socket present: {SOCKET.exists()}")
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with single-range support, as a real image server does (qemu reads images in place)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        header = self.headers.get("Range", "")
+        path = Path(self.translate_path(self.path))
+        if not header.startswith("bytes=") or not path.is_file():
+            super().do_GET()
+            return
+        size = path.stat().st_size
+        first, _, last = header[len("bytes="):].partition("-")
+        start, end = int(first or 0), min(int(last) if last else size - 1, size - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        with path.open("rb") as f:
+            f.seek(start)
+            remaining = end - start + 1
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 20))
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+
+    def end_headers(self) -> None:
+        if self.command == "HEAD" or "Range" not in self.headers:
+            self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+
+@contextlib.contextmanager
+def image_server(folder: Path) -> Iterator[str]:
+    handler = lambda *a, **k: RangeHandler(*a, directory=str(folder), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def import_disk(volume_dir: Path) -> None:
+    """Build a real qcow2 image, serve it over HTTP on 127.0.0.1 and import it with hpp-importer."""
+    importer = BIN / "hpp-importer"
+    if not importer.exists() or shutil.which("qemu-img") is None:
+        print("(hpp-importer or qemu-img is not installed: skipping the import step)")
+        return
+    images = RUN / "images"
+    images.mkdir()
+    raw = images / "disk.raw"
+    with raw.open("wb") as f:
+        f.truncate(64 * 2**20)
+        f.seek(2**20)
+        f.write(b"hpp-csi demo disk\n" * 4096)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(images / "disk.qcow2")],
+                   check=True)
+    with image_server(images) as url:
+        command = [str(importer), "import", "--source", "http", "--endpoint", f"{url}/disk.qcow2",
+                   "--dest", str(volume_dir), "--image-size", "128Mi"]
+        say("importing a qcow2 VM disk over HTTP into the published volume")
+        print("$ " + " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(volume_dir / "disk.img")],
+                   check=True)
+    print(f"{volume_dir / 'disk.img'} matches the source image (qemu-img compare)")
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make demo needs root: publishing a volume is a bind mount", file=sys.stderr)
+        return 1
+    cleanup_leftovers()
+    RUN.mkdir()
+    with driver():
+        say("who is serving, and what it offers")
+        ctl("info")
+        ctl("capacity")
+        say("create a 1 GiB volume in pool 'legacy'")
+        ctl("create", "demo-disk", "--size", "1Gi")
+        ctl("create", "demo-disk", "--size", "1Gi")
+        say("publish it where kubelet would (a bind mount) and write through it")
+        ctl("publish", "demo-disk", str(TARGET))
+        (TARGET / "hello.txt").write_text("written through the published target\n")
+        print(f"wrote {TARGET / 'hello.txt'}; in the pool it is {POOL / 'demo-disk' / 'hello.txt'}: "
+              f"{(POOL / 'demo-disk' / 'hello.txt').read_text().strip()!r}")
+        import_disk(TARGET)
+        say("usage and condition of the volume")
+        ctl("stats", "demo-disk", str(TARGET))
+        ctl("list")
+        say("unpublish and delete")
+        ctl("unpublish", "demo-disk", str(TARGET))
+        ctl("delete", "demo-disk")
+        ctl("list")
+    say("demo complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
