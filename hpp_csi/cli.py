@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -11,9 +12,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from hpp_csi import ctl, logs
-from hpp_csi.config import ConfigError, PoolConfig, load_cr, parse_datadir
+from hpp_csi.config import CR_VOLUMES_SUBDIR, ConfigError, PoolConfig, load_cr, parse_datadir
+from hpp_csi.pool_device import PoolDeviceError, mount_pool, unmount_pool
 from hpp_csi.pools import PoolError
 from hpp_csi.server import DEFAULT_DRIVER_NAME, Driver, DriverOptions, EndpointError
+from hpp_csi.xfs import CommandFailed, DeviceNotBlank
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 
@@ -71,11 +74,67 @@ def run_serve(opts: argparse.Namespace) -> int:
     return 0
 
 
+def add_mount_pool(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    mp = sub.add_parser("mount-pool", help="format (if blank) and mount block-backed pools; the operator's mounter")
+    logging_flags(mp, defaults=False)
+    pools = mp.add_mutually_exclusive_group(required=True)
+    pools.add_argument("--datadir", help="JSON array of pools, as for serve")
+    pools.add_argument("--config", type=Path, help="a HostPathProvisioner CR")
+    mp.add_argument("--pool", action="append", default=[], help="only this pool (repeatable)")
+    mp.add_argument("--device", help="block device backing the pool (e.g. /dev/data from a pvcTemplate PVC)")
+    mp.add_argument("--force", action="store_true", help="format even a device that holds data (destroys it)")
+    action = mp.add_mutually_exclusive_group()
+    action.add_argument("--unmount", action="store_true", help="unmount and detach instead")
+    action.add_argument("--describe", action="store_true", help="say what each pool needs from the node")
+    mp.set_defaults(func=run_mount_pool)
+
+
+def describe_pool(pool: PoolConfig) -> str:
+    if pool.device or pool.size:
+        backing = f"device {pool.device}" if pool.device else f"a sparse {pool.size}-byte loop file {pool.path}.img"
+        return f"{pool.name}: XFS on {backing}, mounted at {pool.volumes_dir}"
+    if pool.pvc_template is not None:
+        need = pool.pvc_template.describe()
+        how = ("format its device XFS and mount it at " if pool.pvc_template.volume_mode == "Block"
+               else "mount its filesystem at ")
+        command = f"hpp-csi mount-pool --pool {pool.name} --device DEV"
+        return f"{pool.name}: needs {need}; {how}{pool.volumes_dir} ({command})"
+    return f"{pool.name}: directory {pool.volumes_dir} on the node's filesystem"
+
+
+def run_mount_pool(opts: argparse.Namespace) -> int:
+    try:
+        pools = [p for p in load_pools(opts) if not opts.pool or p.name in opts.pool]
+        if opts.device:
+            if len(pools) != 1:
+                raise ConfigError("--device needs exactly one pool (use --pool NAME)")
+            pools = [dataclasses.replace(pools[0], device=opts.device,
+                                         volumes_dir=pools[0].path / CR_VOLUMES_SUBDIR)]
+        for pool in pools:
+            if opts.describe:
+                print(describe_pool(pool))
+            elif opts.unmount:
+                for line in unmount_pool(pool) or [f"{pool.name}: nothing mounted"]:
+                    print(f"{pool.name}: {line}" if not line.startswith(pool.name) else line)
+            elif pool.device or pool.size:
+                done = mount_pool(pool, force=opts.force)
+                quota = "sizes enforced" if done.quotas_enforced else f"sizes NOT enforced ({done.reason})"
+                print(f"{pool.name}: {done.device} mounted at {done.mount_point}"
+                      f"{' (formatted XFS)' if done.formatted else ''}; {quota}")
+            else:
+                print(f"{pool.name}: not block-backed; nothing to mount")
+    except (ConfigError, PoolDeviceError, DeviceNotBlank, CommandFailed, OSError) as exc:
+        print(f"hpp-csi mount-pool: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpp-csi", description="KubeVirt hostpath provisioner CSI driver")
     logging_flags(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
+    add_mount_pool(sub)
     ctl.add_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _opts: print(own_version()) or 0)

@@ -100,20 +100,26 @@ def _parse_pool(entry: Any, where: str, volumes_subdir: str | None) -> PoolConfi
     except ValueError as exc:
         raise ConfigError(f"{where}.size: {exc}") from exc
     template = _parse_pvc_template(entry["pvcTemplate"], where) if "pvcTemplate" in entry else None
-    volumes_dir = root / volumes_subdir if volumes_subdir else root
+    block_backed = bool(device or size_bytes or (template and template.volume_mode == "Block"))
+    # A block-backed pool's filesystem is mounted at <path>/csi, as the operator's mounter does.
+    subdir = volumes_subdir or (CR_VOLUMES_SUBDIR if block_backed else None)
+    volumes_dir = root / subdir if subdir else root
     return PoolConfig(name, root, volumes_dir, device if isinstance(device, str) else None, size_bytes, template)
 
 
-def _check_unique(pools: list[PoolConfig]) -> list[PoolConfig]:
-    names: set[str] = set()
-    paths: set[Path] = set()
-    for pool in pools:
+def _check_unique(pools: list[PoolConfig], where: str) -> list[PoolConfig]:
+    """`where` names the list in messages ("--datadir", "<file>: spec.storagePools"), with the entries' indexes."""
+    names: dict[str, int] = {}
+    paths: dict[Path, int] = {}
+    for i, pool in enumerate(pools):
         if pool.name in names:
-            raise ConfigError(f"storage pool name {pool.name!r} is used more than once; names must be unique")
+            raise ConfigError(f"{where}[{i}]: storage pool name {pool.name!r} is used more than once (also "
+                              f"{where}[{names[pool.name]}]); names must be unique")
         if pool.path in paths:
-            raise ConfigError(f"storage pool path {str(pool.path)!r} is used more than once; paths must be unique")
-        names.add(pool.name)
-        paths.add(pool.path)
+            raise ConfigError(f"{where}[{i}]: storage pool path {str(pool.path)!r} is used more than once (also "
+                              f"{where}[{paths[pool.path]}]); paths must be unique")
+        names[pool.name] = i
+        paths[pool.path] = i
     if not pools:
         raise ConfigError("no storage pool is configured")
     return pools
@@ -127,7 +133,7 @@ def parse_datadir(text: str) -> list[PoolConfig]:
         raise ConfigError(f"--datadir is not valid JSON ({exc}); expected [{{\"name\": ..., \"path\": ...}}]") from exc
     if not isinstance(raw, list):
         raise ConfigError('--datadir must be a JSON array such as [{"name": "legacy", "path": "/var/hpvolumes"}]')
-    return _check_unique([_parse_pool(entry, f"--datadir[{i}]", None) for i, entry in enumerate(raw)])
+    return _check_unique([_parse_pool(entry, f"--datadir[{i}]", None) for i, entry in enumerate(raw)], "--datadir")
 
 
 def parse_cr(text: str, source: str = "config") -> list[PoolConfig]:
@@ -152,11 +158,13 @@ def parse_cr(text: str, source: str = "config") -> list[PoolConfig]:
         if not isinstance(path_config, dict):
             raise ConfigError(f"{source}: spec.pathConfig must be an object with 'path'")
         legacy = {"name": LEGACY_POOL, "path": _require_str(path_config, "path", f"{source}: spec.pathConfig")}
-        return _check_unique([_parse_pool(legacy, f"{source}: spec.pathConfig", CR_VOLUMES_SUBDIR)])
+        return _check_unique([_parse_pool(legacy, f"{source}: spec.pathConfig", CR_VOLUMES_SUBDIR)],
+                             f"{source}: spec.pathConfig")
     if not isinstance(pools, list) or not pools:
         raise ConfigError(f"{source}: either spec.storagePools or spec.pathConfig must be set")
     return _check_unique(
-        [_parse_pool(p, f"{source}: spec.storagePools[{i}]", CR_VOLUMES_SUBDIR) for i, p in enumerate(pools)]
+        [_parse_pool(p, f"{source}: spec.storagePools[{i}]", CR_VOLUMES_SUBDIR) for i, p in enumerate(pools)],
+        f"{source}: spec.storagePools",
     )
 
 

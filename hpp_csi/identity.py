@@ -14,6 +14,7 @@ from hpp_csi.volumes import VolumeManager
 log = logging.getLogger(__name__)
 
 Service = csi.PluginCapability.Service
+Expansion = csi.PluginCapability.VolumeExpansion
 CAPABILITIES = (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
 
 
@@ -31,9 +32,9 @@ class IdentityService(csi_grpc.IdentityServicer):
     def GetPluginCapabilities(
         self, request: csi.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi.GetPluginCapabilitiesResponse:
-        return csi.GetPluginCapabilitiesResponse(
-            capabilities=[csi.PluginCapability(service=Service(type=kind)) for kind in CAPABILITIES]
-        )
+        services = [csi.PluginCapability(service=Service(type=kind)) for kind in CAPABILITIES]
+        expansion = csi.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE))
+        return csi.GetPluginCapabilitiesResponse(capabilities=[*services, expansion])
 
     def Probe(self, request: csi.ProbeRequest, context: grpc.ServicerContext) -> csi.ProbeResponse:
         problems = [p for p in (pool.problem() for pool in self.manager.pools.values()) if p]

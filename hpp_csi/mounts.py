@@ -97,15 +97,20 @@ def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
-def bind_mount(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int = 0) -> None:
-    """Bind `source` on `target`, then apply per-mount flags (a bind ignores them on the first call)."""
+def bind_mount(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int = 0,
+               remount_at: str | os.PathLike[str] | None = None) -> None:
+    """Bind `source` on `target`, then apply per-mount flags (a bind ignores them on the first call).
+
+    When `target` is a /proc/self/fd link, pass the target's path as `remount_at`: the link still names the
+    directory under the new mount, so a remount (or the undo on failure) through it would miss the mount."""
     mount(source, target, None, MS_BIND)
     extra = flags & ~MS_BIND
     if extra:
+        mounted = remount_at if remount_at is not None else target
         try:
-            mount("none", target, None, MS_BIND | MS_REMOUNT | extra)
+            mount("none", mounted, None, MS_BIND | MS_REMOUNT | extra)
         except OSError:
-            umount(target)
+            umount(mounted)
             raise
 
 

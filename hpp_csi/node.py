@@ -10,20 +10,25 @@ from dataclasses import dataclass
 
 import grpc
 
-from hpp_csi import errors, names
+from hpp_csi import block_publish, errors, loop, mounts, names
 from hpp_csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
 from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
 from hpp_csi.publications import Publications
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 from hpp_csi.topology import node_topology
-from hpp_csi.volumes import POOL_PARAMETER, SIZE_ENFORCED_KEY, CreateSpec, Volume, VolumeManager
+from hpp_csi.volumes import CreateSpec, Volume, VolumeManager
 
 log = logging.getLogger(__name__)
 
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 NodeRPC = csi.NodeServiceCapability.RPC
-CAPABILITIES = (NodeRPC.GET_VOLUME_STATS, NodeRPC.VOLUME_CONDITION, NodeRPC.SINGLE_NODE_MULTI_WRITER)
+CAPABILITIES = (
+    NodeRPC.GET_VOLUME_STATS,
+    NodeRPC.VOLUME_CONDITION,
+    NodeRPC.SINGLE_NODE_MULTI_WRITER,
+    NodeRPC.EXPAND_VOLUME,
+)
 
 
 @dataclass(frozen=True)
@@ -77,18 +82,26 @@ class NodeService(csi_grpc.NodeServicer):
         if not request.HasField("volume_capability"):
             raise errors.invalid_argument("volume_capability is required")
         capability = request.volume_capability
-        reason = unsupported_reason(capability, block_supported=False)
+        reason = unsupported_reason(capability, block_supported=True)
         if reason:
             raise errors.invalid_argument(reason)
         flags = bind_flags(list(capability.mount.mount_flags))
         if request.readonly or capability.access_mode.mode in READ_ONLY_MODES:
             flags |= MS_RDONLY
         ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
+        kind = "block" if capability.WhichOneof("access_type") == "block" else "mount"
         with self.manager.locks.hold(volume_id):
             volume = self._ephemeral(volume_id, dict(request.volume_context)) if ephemeral else \
                 self.manager.get(volume_id)
+            if volume.record.mode != kind:
+                raise errors.invalid_argument(
+                    f"volume {volume_id!r} is a {volume.record.mode} volume and cannot be published as {kind}"
+                )
             try:
-                self._publish(volume, target, flags, capability.access_mode.mode)
+                if kind == "block":
+                    self._publish_block(volume, target, bool(flags & MS_RDONLY), capability.access_mode.mode)
+                else:
+                    self._publish(volume, target, flags, capability.access_mode.mode)
             except Exception:
                 if ephemeral and not Publications().targets(volume.path):
                     self.manager.delete(volume_id)
@@ -99,12 +112,25 @@ class NodeService(csi_grpc.NodeServicer):
         """Inline ephemeral volumes are created at publish and deleted at unpublish, as HPP does."""
         pool = self.manager.pool_for(volume_context, fallback_to_first=True)
         spec = CreateSpec(volume_id=volume_id, pool=pool, capacity_bytes=0, ephemeral=True)
-        volume, created = self.manager.create(spec, {POOL_PARAMETER: pool.name, SIZE_ENFORCED_KEY: "false"})
+        volume, created = self.manager.create(spec)
         if not volume.record.ephemeral:
             raise errors.already_exists(f"volume {volume_id!r} exists and is not an ephemeral volume")
         if created:
             log.info("created ephemeral volume %s in pool %s", volume_id, pool.name)
         return volume
+
+    def _publish_block(self, volume: Volume, target: str, read_only: bool, mode: int) -> None:
+        if not volume.path.is_file():
+            raise errors.not_found(f"block volume {volume.volume_id!r} has no image at {volume.path}")
+        if mode == AccessMode.SINGLE_NODE_SINGLE_WRITER and not mounts.is_mount_point(target):
+            others = [t for d in loop.devices_backing(volume.path) for t in block_publish.targets_of(d.path)]
+            if others:
+                raise errors.failed_precondition(
+                    f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                    f"{', '.join(others)}"
+                )
+        block_publish.publish(volume.path, target, read_only)
+        log.info("published block volume %s at %s", volume.volume_id, target)
 
     def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
         if not volume.exists_on_disk():
@@ -132,7 +158,7 @@ class NodeService(csi_grpc.NodeServicer):
         source_fd = open_dir_nofollow(str(volume.path))
         target_fd = open_dir_nofollow(target)
         try:
-            bind_mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", flags)
+            bind_mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", flags, remount_at=target)
         finally:
             os.close(source_fd)
             os.close(target_fd)
@@ -145,6 +171,8 @@ class NodeService(csi_grpc.NodeServicer):
         volume_id = names.volume_id(request.volume_id)
         target = names.target_path(request.target_path)
         with self.manager.locks.hold(volume_id):
+            if block_publish.device_of_target(target):
+                block_publish.unpublish(target)
             while is_mount_point(target):
                 umount(target)
             self._remove_target(target)
@@ -184,19 +212,34 @@ class NodeService(csi_grpc.NodeServicer):
         volume_path = os.path.normpath(request.volume_path)
         if not os.path.isabs(volume_path) or not os.path.lexists(volume_path):
             raise errors.not_found(f"volume path {request.volume_path!r} does not exist")
-        fs = volume.pool.capacity()
         if not volume.exists_on_disk():
             condition = csi.VolumeCondition(abnormal=True, message=f"volume data {volume.path} is missing")
             return csi.NodeGetVolumeStatsResponse(volume_condition=condition)
-        usage = tree_usage(str(volume.path))
+        Unit = csi.VolumeUsage.Unit
+        if volume.record.mode == "block":
+            device = block_publish.device_of_target(volume_path)
+            healthy = device is not None and any(d.path == device for d in loop.devices_backing(volume.path))
+            condition = csi.VolumeCondition(
+                abnormal=not healthy,
+                message="volume is healthy" if healthy else f"{volume_path} is not a published device of the volume",
+            )
+            size = os.stat(volume.path).st_size
+            return csi.NodeGetVolumeStatsResponse(
+                usage=[csi.VolumeUsage(unit=Unit.BYTES, total=size)], volume_condition=condition
+            )
+        fs = volume.pool.capacity()
         capacity = volume.record.capacity_bytes
+        if volume.pool.quota and capacity:
+            quota = volume.pool.quota_usage(volume.path)
+            usage = Usage(quota.used_bytes, quota.inodes)
+        else:
+            usage = tree_usage(str(volume.path))
         total = capacity or fs.total_bytes
         available = min(max(capacity - usage.used_bytes, 0), fs.available_bytes) if capacity else fs.available_bytes
         if Publications().is_source_of(volume.path, volume_path) or volume_path == str(volume.path):
             condition = csi.VolumeCondition(abnormal=False, message="volume is healthy")
         else:
             condition = csi.VolumeCondition(abnormal=True, message=f"{volume_path} is not a mount of the volume")
-        Unit = csi.VolumeUsage.Unit
         return csi.NodeGetVolumeStatsResponse(
             usage=[
                 csi.VolumeUsage(unit=Unit.BYTES, total=total, used=usage.used_bytes, available=available),
@@ -205,6 +248,20 @@ class NodeService(csi_grpc.NodeServicer):
             ],
             volume_condition=condition,
         )
+
+    def NodeExpandVolume(
+        self, request: csi.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi.NodeExpandVolumeResponse:
+        volume_id = names.volume_id(request.volume_id)
+        if not request.volume_path:
+            raise errors.invalid_argument("volume_path is required")
+        with self.manager.locks.hold(volume_id):
+            volume = self.manager.get(volume_id)
+            if not os.path.isabs(request.volume_path) or not os.path.lexists(request.volume_path):
+                raise errors.not_found(f"volume path {request.volume_path!r} does not exist")
+            if volume.record.mode == "block":
+                block_publish.refresh(volume.path)
+        return csi.NodeExpandVolumeResponse(capacity_bytes=volume.record.capacity_bytes)
 
     def NodeGetCapabilities(
         self, request: csi.NodeGetCapabilitiesRequest, context: grpc.ServicerContext

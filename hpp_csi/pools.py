@@ -6,12 +6,15 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpp_csi import mounts, xfs
 from hpp_csi.config import PoolConfig
 from hpp_csi.names import RESERVED_NAMES
+from hpp_csi.pool_device import PoolDeviceError, mount_pool
 from hpp_csi.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,19 @@ class StoragePool:
         self.name = config.name
         self.volumes_dir = config.volumes_dir
         self.store = MetadataStore(config.volumes_dir)
+        self.quota = False  # volume sizes enforced by XFS project quotas
+        self.quota_reason = "not checked yet"
+        self._projects: set[int] | None = None
+        self._project_lock = threading.Lock()
 
-    def prepare(self) -> None:
-        """Create the pool's folders, or explain why they cannot be."""
+    def prepare(self, mount_devices: bool = True) -> None:
+        """Create the pool's folders (mounting its device first when it has one), or explain why not."""
+        if mount_devices and (self.config.device or self.config.size):
+            try:
+                mounted = mount_pool(self.config)
+            except (PoolDeviceError, xfs.DeviceNotBlank, xfs.CommandFailed, OSError) as exc:
+                raise PoolError(f"storage pool {self.name!r}: {exc}") from exc
+            log.info("storage pool %s: %s mounted at %s", self.name, mounted.device, mounted.mount_point)
         try:
             self.volumes_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
@@ -54,6 +67,47 @@ class StoragePool:
             self.store.prepare()
         except OSError as exc:
             raise PoolError(f"storage pool {self.name!r}: cannot write in {self.volumes_dir}: {exc.strerror}") from exc
+        self.quota, self.quota_reason = self._detect_quota()
+        if not self.quota:
+            log.warning("storage pool %s: volume sizes are not enforced (%s)", self.name, self.quota_reason)
+
+    def _detect_quota(self) -> tuple[bool, str]:
+        entry = mounts.mount_containing(self.volumes_dir)
+        if entry.fstype != "xfs":
+            return False, f"{entry.fstype} filesystem: project quotas need XFS"
+        if not {"prjquota", "pquota"} & entry.super_options:
+            return False, f"XFS at {entry.mount_point} is not mounted with prjquota"
+        return True, ""
+
+    # --- project quotas (sizes enforced) ------------------------------------------------------------------
+    def assign_quota(self, directory: Path, capacity: int) -> int:
+        """Give a new volume directory its own project ID with a hard limit of `capacity` bytes."""
+        with self._project_lock:
+            if self._projects is None:
+                self._projects = xfs.used_project_ids(self.volumes_dir)
+            current = xfs.project_id(directory)
+            project = current if current >= xfs.FIRST_PROJECT_ID else xfs.choose_project_id(self._projects)
+            self._projects.add(project)
+        xfs.set_project(directory, project)
+        if capacity:
+            xfs.set_project_limit(self.volumes_dir, project, capacity)
+        return project
+
+    def resize_quota(self, directory: Path, capacity: int) -> None:
+        xfs.set_project_limit(self.volumes_dir, xfs.project_id(directory), capacity)
+
+    def release_quota(self, directory: Path) -> None:
+        """Drop the limit of a volume about to be deleted (its project ID becomes free again)."""
+        project = xfs.project_id(directory)
+        if project < xfs.FIRST_PROJECT_ID:
+            return
+        xfs.remove_project_limit(self.volumes_dir, project)
+        with self._project_lock:
+            if self._projects is not None:
+                self._projects.discard(project)
+
+    def quota_usage(self, directory: Path) -> xfs.ProjectQuota:
+        return xfs.project_quota(self.volumes_dir, xfs.project_id(directory))
 
     def problem(self) -> str | None:
         """Why the pool cannot serve calls now, or None when it can."""
@@ -112,10 +166,15 @@ class StoragePool:
         self._delete(trashed)
 
     def purge_trash(self) -> None:
-        """Finish deletions a crash interrupted."""
-        with os.scandir(self.store.trash_dir) as entries:
-            for entry in entries:
-                self._delete(Path(entry.path))
+        """Finish deletions a crash interrupted, and drop clones a crash left half-made."""
+        for folder in (self.store.trash_dir, self.store.staging_dir):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    self.discard_path(Path(entry.path))
+
+    def discard_path(self, path: Path) -> None:
+        if os.path.lexists(path):
+            self._delete(path)
 
     @staticmethod
     def _delete(path: Path) -> None:

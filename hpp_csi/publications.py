@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hpp_csi import loop
 from hpp_csi.mounts import MOUNTINFO, MountEntry, mount_sources, parse_mountinfo
 
 
@@ -47,6 +48,18 @@ class Publications:
     def targets(self, volume_path: Path) -> list[str]:
         """Mount points where `volume_path` is bind-mounted."""
         return list(self._by_source.get(self._source_key(volume_path), []))
+
+    def of_volume(self, volume_path: Path, mode: str) -> list[str]:
+        """Where a volume is published: bind mounts of its directory, or of the loop devices on its image."""
+        if mode != "block":
+            return self.targets(volume_path)
+        if not volume_path.is_file():
+            return []
+        dev = os.stat("/dev").st_dev
+        found = []
+        for device in loop.devices_backing(volume_path):
+            found += self._by_source.get((os.major(dev), os.minor(dev), "/" + os.path.basename(device.path)), [])
+        return found
 
     def is_source_of(self, volume_path: Path, target: str) -> bool:
         return target in self.targets(volume_path)

@@ -215,11 +215,11 @@ class _TreeCloner:
             return
         src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
         try:
+            live = os.fstat(src_fd)  # before reading, which can move atime
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             dst_fd = os.open(name, flags, 0o600, dir_fd=dst_dir)
             try:
                 method = _clone_data(src_fd, dst_fd)
-                live = os.fstat(src_fd)
                 _apply_metadata(live, src_fd, dst_fd, self.report.skipped_xattrs, rel)
             finally:
                 os.close(dst_fd)

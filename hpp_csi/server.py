@@ -24,6 +24,7 @@ from hpp_csi.metrics import DriverMetrics
 from hpp_csi.node import NodeService
 from hpp_csi.pools import StoragePool
 from hpp_csi.rpc import CsiInterceptor, InFlight
+from hpp_csi.snapshots import SnapshotManager
 from hpp_csi.spec import csi_pb2
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 from hpp_csi.volumes import VolumeManager
@@ -98,6 +99,7 @@ class Driver:
         self.options = options
         self.pools = [StoragePool(config) for config in options.pools]
         self.manager = VolumeManager(self.pools)
+        self.snapshots = SnapshotManager(self.manager)
         self.metrics: DriverMetrics | None = None
         self.in_flight = InFlight()
         self.health = health.HealthServicer()
@@ -110,6 +112,7 @@ class Driver:
         for pool in self.pools:
             pool.prepare()
         self.manager.load()
+        self.snapshots.load()
         metrics = self.metrics = DriverMetrics(self.manager)
         claim_socket(self.socket)
         server = grpc.server(
@@ -118,7 +121,7 @@ class Driver:
         )
         o = self.options
         csi_grpc.add_IdentityServicer_to_server(IdentityService(o.driver_name, o.version, self.manager), server)
-        csi_grpc.add_ControllerServicer_to_server(ControllerService(self.manager, o.node_id), server)
+        csi_grpc.add_ControllerServicer_to_server(ControllerService(self.manager, self.snapshots, o.node_id), server)
         csi_grpc.add_NodeServicer_to_server(NodeService(self.manager, o.node_id), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [csi_pb2.DESCRIPTOR.services_by_name[s].full_name for s in CSI_SERVICES]

@@ -43,6 +43,8 @@ class VolumeRecord:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> VolumeRecord:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -54,9 +56,10 @@ class MetadataStore:
         self.root = volumes_dir / META_DIR
         self.records_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
+        self.staging_dir = self.root / "staging"
 
     def prepare(self) -> None:
-        for folder in (self.root, self.records_dir, self.trash_dir):
+        for folder in (self.root, self.records_dir, self.trash_dir, self.staging_dir):
             folder.mkdir(mode=0o700, exist_ok=True)
 
     def path_of(self, volume_id: str) -> Path:
@@ -78,7 +81,10 @@ class MetadataStore:
         """The record, or None when absent or unreadable (then the volume is adopted from what is on disk)."""
         try:
             raw = json.loads(self.path_of(volume_id).read_bytes())
-            return VolumeRecord.from_json(raw)
+            record = VolumeRecord.from_json(raw)
+            if record.volume_id != volume_id:
+                raise ValueError(f"it names volume {record.volume_id!r}")
+            return record
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as exc:

@@ -10,13 +10,14 @@ import bisect
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpp_csi import errors
 from hpp_csi.config import LEGACY_POOL
 from hpp_csi.locks import KeyedLocks
 from hpp_csi.pools import StoragePool
+from hpp_csi.reflink import clone_file, clone_tree
 from hpp_csi.store import VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,17 @@ class CreateSpec:
     mode: str = "mount"
     ephemeral: bool = False
     content_source: dict[str, str] | None = None
+    source: Source | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Data a new volume starts from: another volume's or a snapshot's."""
+
+    path: Path
+    mode: str
+    capacity_bytes: int
+    description: str
 
 
 def resolve_capacity(required: int, limit: int) -> int:
@@ -84,6 +96,7 @@ class VolumeManager:
         self._index: dict[str, str] = {}
         self._sorted: list[str] = []
         self._records: dict[str, VolumeRecord] = {}
+        self._committed: dict[str, int] = {}  # per quota pool: bytes promised to its volumes
 
     # --- start-up -----------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -101,6 +114,7 @@ class VolumeManager:
             self._index = index
             self._sorted = sorted(index)
             self._records = {}
+            self._committed = {}
 
     # --- pools --------------------------------------------------------------------------------------------
     def pool_named(self, name: str) -> StoragePool:
@@ -151,7 +165,7 @@ class VolumeManager:
         """A record for a volume found on disk without metadata."""
         path = pool.volume_path(volume_id)
         mode = "block" if path.is_file() else "mount"
-        capacity = path.stat().st_size if mode == "block" else 0
+        capacity = path.stat().st_size if mode == "block" and path.exists() else 0
         return VolumeRecord(volume_id=volume_id, pool=pool.name, capacity_bytes=capacity, mode=mode, adopted=True,
                             context={POOL_PARAMETER: pool.name})
 
@@ -176,14 +190,59 @@ class VolumeManager:
                 counts[pool_name] += 1
         return counts
 
+    # --- space ------------------------------------------------------------------------------------------
+    def committed_bytes(self, pool: StoragePool) -> int:
+        """Capacity promised to the pool's volumes; read from every record once, then kept up to date."""
+        with self._guard:
+            if pool.name in self._committed:
+                return self._committed[pool.name]
+            ids = [i for i, name in self._index.items() if name == pool.name]
+        total = 0
+        for volume_id in ids:
+            volume = self.find(volume_id)
+            total += volume.record.capacity_bytes if volume else 0
+        with self._guard:
+            self._committed.setdefault(pool.name, total)
+            return self._committed[pool.name]
+
+    def _commit(self, pool: StoragePool, delta: int) -> None:
+        with self._guard:
+            if pool.name in self._committed:
+                self._committed[pool.name] += delta
+
+    def available_for_new(self, pool: StoragePool) -> int:
+        """What a new volume may ask for. Where sizes are enforced every volume must be able to fill its quota,
+        so promised capacity is not handed out twice; elsewhere volumes are thin and free space is the limit."""
+        capacity = pool.capacity()
+        if not pool.quota:
+            return capacity.available_bytes
+        unpromised = capacity.total_bytes - self.committed_bytes(pool)
+        return max(0, min(capacity.available_bytes, unpromised))
+
+    def size_enforced(self, pool: StoragePool, mode: str, capacity: int) -> bool:
+        return mode == "block" or (pool.quota and capacity > 0)
+
     # --- changes (callers hold self.locks for the volume ID) ----------------------------------------------
-    def create(self, spec: CreateSpec, context: dict[str, str]) -> tuple[Volume, bool]:
+    def create(self, spec: CreateSpec) -> tuple[Volume, bool]:
         """Create the volume, or return the existing one when compatible; (volume, created)."""
         existing = self.find(spec.volume_id)
         if existing is not None:
-            return self._reuse(existing, spec, context), False
+            return self._reuse(existing, spec), False
         self._check_space(spec)
-        record = VolumeRecord(
+        record = self._record_for(spec)
+        path = spec.pool.volume_path(spec.volume_id)
+        # Data first, metadata second: a crash in between leaves an entry that a retry adopts.
+        self._make_entry(path, spec, record)
+        spec.pool.store.save(record)
+        self._remember(record)
+        if spec.pool.quota:
+            self._commit(spec.pool, record.capacity_bytes)
+        return Volume(record, spec.pool), True
+
+    def _record_for(self, spec: CreateSpec) -> VolumeRecord:
+        enforced = self.size_enforced(spec.pool, spec.mode, spec.capacity_bytes)
+        context = {**spec.parameters, POOL_PARAMETER: spec.pool.name, SIZE_ENFORCED_KEY: str(enforced).lower()}
+        return VolumeRecord(
             volume_id=spec.volume_id,
             pool=spec.pool.name,
             capacity_bytes=spec.capacity_bytes,
@@ -193,14 +252,8 @@ class VolumeManager:
             content_source=spec.content_source,
             context=context,
         )
-        path = spec.pool.volume_path(spec.volume_id)
-        # Data first, metadata second: a crash in between leaves an entry that a retry adopts.
-        self._make_entry(path, spec)
-        spec.pool.store.save(record)
-        self._remember(record)
-        return Volume(record, spec.pool), True
 
-    def _reuse(self, existing: Volume, spec: CreateSpec, context: dict[str, str]) -> Volume:
+    def _reuse(self, existing: Volume, spec: CreateSpec) -> Volume:
         record = existing.record
         if record.adopted:
             # A create that crashed before its metadata was written, or a volume made by another driver:
@@ -210,14 +263,13 @@ class VolumeManager:
                     f"volume {spec.volume_id!r} already exists in storage pool {existing.pool.name!r}, "
                     f"not in {spec.pool.name!r}"
                 )
-            self._make_entry(existing.path, spec)
-            adopted = VolumeRecord(
-                volume_id=spec.volume_id, pool=spec.pool.name, capacity_bytes=spec.capacity_bytes,
-                parameters=dict(spec.parameters), mode=spec.mode, ephemeral=spec.ephemeral,
-                content_source=spec.content_source, context=context,
-            )
+            adopted = self._record_for(spec)
+            if not existing.exists_on_disk() or spec.source is None:
+                self._make_entry(existing.path, spec, adopted)
             spec.pool.store.save(adopted)
             self._remember(adopted)
+            with self._guard:
+                self._committed.pop(spec.pool.name, None)  # recount: the adopted volume was counted as 0
             return Volume(adopted, spec.pool)
         conflicts = []
         if record.pool != spec.pool.name:
@@ -236,19 +288,45 @@ class VolumeManager:
                 f"volume {spec.volume_id!r} already exists with different " + "; ".join(conflicts)
             )
         if not existing.exists_on_disk():
-            self._make_entry(existing.path, spec)  # metadata without data: finish the interrupted create
+            self._make_entry(existing.path, spec, record)  # metadata without data: finish the interrupted create
         return existing
 
     def _check_space(self, spec: CreateSpec) -> None:
-        available = spec.pool.capacity().available_bytes
+        available = self.available_for_new(spec.pool)
         if spec.capacity_bytes > available:
+            what = "not yet promised to other volumes" if spec.pool.quota else "available"
             raise errors.out_of_range(
                 f"volume {spec.volume_id!r} asks for {spec.capacity_bytes} bytes but storage pool "
-                f"{spec.pool.name!r} has {available} bytes available"
+                f"{spec.pool.name!r} has {available} bytes {what}"
             )
 
+    def _make_entry(self, path: Path, spec: CreateSpec, record: VolumeRecord) -> None:
+        """Make the volume's data at `path`; a volume from a source is built aside and renamed into place."""
+        if spec.source is None:
+            self._make_empty(path, spec, record)
+            return
+        staging = spec.pool.store.staging_dir / spec.volume_id
+        spec.pool.discard_path(staging)
+        try:
+            if spec.mode == "block":
+                method = clone_file(spec.source.path, staging).value
+                with open(staging, "r+b") as f:
+                    if os.fstat(f.fileno()).st_size < spec.capacity_bytes:
+                        f.truncate(spec.capacity_bytes)
+                    os.fsync(f.fileno())
+            else:
+                self._make_empty(staging, spec, record)
+                method = clone_tree(spec.source.path, staging).method
+                os.chmod(staging, DIR_MODE)
+            os.rename(staging, path)
+        except BaseException:
+            spec.pool.discard_path(staging)
+            raise
+        record.extra["cloned_by"] = method
+        log.info("volume %s filled from %s by %s", spec.volume_id, spec.source.description, method)
+
     @staticmethod
-    def _make_entry(path: Path, spec: CreateSpec) -> None:
+    def _make_empty(path: Path, spec: CreateSpec, record: VolumeRecord) -> None:
         if spec.mode == "block":
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o660)
             try:
@@ -264,6 +342,8 @@ class VolumeManager:
             if path.is_symlink() or not path.is_dir():
                 raise errors.already_exists(f"{path} exists and is not a volume directory") from None
         os.chmod(path, DIR_MODE, follow_symlinks=False)
+        if spec.pool.quota:
+            record.extra["project"] = spec.pool.assign_quota(path, spec.capacity_bytes)
 
     def _remember(self, record: VolumeRecord) -> None:
         with self._guard:
@@ -272,11 +352,37 @@ class VolumeManager:
             self._index[record.volume_id] = record.pool
             self._records[record.volume_id] = record
 
+    def expand(self, volume: Volume, capacity: int) -> VolumeRecord:
+        """Grow a volume to `capacity` bytes (never shrink): the quota for a directory, the file for block."""
+        record = volume.record
+        if capacity <= record.capacity_bytes:
+            return record
+        growth = capacity - record.capacity_bytes
+        if volume.pool.quota and growth > self.available_for_new(volume.pool):
+            raise errors.out_of_range(
+                f"volume {volume.volume_id!r} cannot grow by {growth} bytes: storage pool {volume.pool.name!r} has "
+                f"{self.available_for_new(volume.pool)} bytes not yet promised to other volumes"
+            )
+        if record.mode == "block":
+            with open(volume.path, "r+b") as f:
+                f.truncate(capacity)
+                os.fsync(f.fileno())
+        elif volume.pool.quota:
+            volume.pool.resize_quota(volume.path, capacity)
+        grown = replace(record, capacity_bytes=capacity, extra=dict(record.extra))
+        volume.pool.store.save(grown)
+        self._remember(grown)
+        if volume.pool.quota:
+            self._commit(volume.pool, growth)
+        return grown
+
     def delete(self, volume_id: str) -> bool:
         """Delete the volume's data then its metadata; False when it did not exist."""
         volume = self.find(volume_id)
         if volume is None:
             return False
+        if volume.pool.quota and volume.record.mode == "mount" and volume.path.is_dir():
+            volume.pool.release_quota(volume.path)
         volume.pool.discard(volume_id)
         volume.pool.store.remove(volume_id)
         with self._guard:
@@ -285,4 +391,6 @@ class VolumeManager:
             at = bisect.bisect_left(self._sorted, volume_id)
             if at < len(self._sorted) and self._sorted[at] == volume_id:
                 del self._sorted[at]
+        if volume.pool.quota:
+            self._commit(volume.pool, -volume.record.capacity_bytes)
         return True
