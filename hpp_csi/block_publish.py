@@ -99,3 +99,17 @@ def refresh(image: Path) -> None:
     """Make every loop device on `image` see the file's new size (online expansion)."""
     for device in loop.devices_backing(image):
         loop.refresh_capacity(device.path)
+
+
+def detach_orphans(folders: list[Path]) -> list[str]:
+    """At start-up: detach loop devices on images in our pools that no target uses (a crash between attach
+    and mount, or a volume unpublished by hand). Devices on other files are not ours and are left alone."""
+    roots = [os.path.realpath(folder) + "/" for folder in folders]
+    detached = []
+    for device in loop.attached():
+        backing = device.backing_file.removesuffix(" (deleted)")
+        if any(backing.startswith(root) for root in roots) and not targets_of(device.path):
+            loop.detach(device.path)
+            detached.append(device.path)
+            log.info("detached %s: it backed %s but no target used it", device.path, backing)
+    return detached

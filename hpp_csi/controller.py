@@ -35,6 +35,7 @@ CAPABILITIES = (
     RPC.EXPAND_VOLUME,
 )
 SNAPSHOT_LOCK = "snapshot:"
+DEFAULT_BLOCK_BYTES = 1 << 30
 
 
 def encode_token(volume_id: str) -> str:
@@ -124,6 +125,8 @@ class ControllerService(csi_grpc.ControllerServicer):
                         f"limit_bytes {limit}"
                     )
                 capacity = max(capacity, source.capacity_bytes)
+            if mode == "block" and not capacity:
+                capacity = DEFAULT_BLOCK_BYTES  # an image needs a size; a filesystem volume may stay unsized
             spec = CreateSpec(
                 volume_id=volume_id,
                 pool=pool,

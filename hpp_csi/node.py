@@ -57,6 +57,13 @@ def tree_usage(path: str) -> Usage:
     return Usage(used + root.st_blocks * 512, inodes + 1)
 
 
+def as_mounted(path: str) -> str:
+    """`path` as mountinfo names it once mounted: the folders leading to it resolved (kubelet's root dir is
+    often reached through a symlink), the last component kept (a symlink there is refused, never followed)."""
+    head, tail = os.path.split(path)
+    return os.path.join(os.path.realpath(head), tail)
+
+
 def open_dir_nofollow(path: str) -> int:
     """An O_PATH handle on a directory that is not a symlink, so a mount cannot be redirected by one."""
     try:
@@ -90,6 +97,8 @@ class NodeService(csi_grpc.NodeServicer):
             flags |= MS_RDONLY
         ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
         kind = "block" if capability.WhichOneof("access_type") == "block" else "mount"
+        if ephemeral and kind == "block":
+            raise errors.invalid_argument("inline ephemeral volumes are filesystems; block access is not supported")
         with self.manager.locks.hold(volume_id):
             volume = self._ephemeral(volume_id, dict(request.volume_context)) if ephemeral else \
                 self.manager.get(volume_id)
@@ -133,6 +142,7 @@ class NodeService(csi_grpc.NodeServicer):
         log.info("published block volume %s at %s", volume.volume_id, target)
 
     def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
+        target = as_mounted(target)
         if not volume.exists_on_disk():
             raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
         if is_mount_point(target):
@@ -154,6 +164,8 @@ class NodeService(csi_grpc.NodeServicer):
                     f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
                     f"{', '.join(others)}"
                 )
+        if os.path.lexists(target) and not os.path.isdir(target):
+            raise errors.failed_precondition(f"{target} exists and is not a directory; a filesystem volume needs one")
         os.makedirs(target, mode=0o750, exist_ok=True)
         source_fd = open_dir_nofollow(str(volume.path))
         target_fd = open_dir_nofollow(target)
@@ -177,6 +189,8 @@ class NodeService(csi_grpc.NodeServicer):
                 umount(target)
             self._remove_target(target)
             volume = self.manager.find(volume_id)
+            if volume is not None and volume.record.mode == "block":
+                block_publish.detach_unused(volume.path)  # also one a crash left between attach and mount
             if volume is not None and volume.record.ephemeral and not Publications().targets(volume.path):
                 self.manager.delete(volume_id)
                 log.info("deleted ephemeral volume %s", volume_id)
@@ -236,7 +250,7 @@ class NodeService(csi_grpc.NodeServicer):
             usage = tree_usage(str(volume.path))
         total = capacity or fs.total_bytes
         available = min(max(capacity - usage.used_bytes, 0), fs.available_bytes) if capacity else fs.available_bytes
-        if Publications().is_source_of(volume.path, volume_path) or volume_path == str(volume.path):
+        if Publications().is_source_of(volume.path, as_mounted(volume_path)) or volume_path == str(volume.path):
             condition = csi.VolumeCondition(abnormal=False, message="volume is healthy")
         else:
             condition = csi.VolumeCondition(abnormal=True, message=f"{volume_path} is not a mount of the volume")

@@ -58,17 +58,18 @@ def _ensure_backing_file(path: str, size: int | None, pool: str) -> None:
     log.info("storage pool %s: created sparse backing file %s of %d bytes", pool, path, size)
 
 
-def _block_device(path: str) -> tuple[str, str | None]:
-    """(block device, backing file or None): a regular file is attached to a loop device (reused if one
-    already backs it)."""
+def _block_device(path: str) -> tuple[str, str | None, bool]:
+    """(block device, backing file or None, whether we attached it now): a regular file is attached to a loop
+    device (reused if one already backs it)."""
     mode = os.stat(path).st_mode
     if stat.S_ISBLK(mode):
-        return path, None
+        return path, None, False
     if not stat.S_ISREG(mode):
         raise PoolDeviceError(f"{path} is neither a block device nor a regular file")
     existing = loop.devices_backing(path)
-    device = existing[0] if existing else loop.attach(path)
-    return device.path, path
+    if existing:
+        return existing[0].path, path, False
+    return loop.attach(path).path, path, True
 
 
 def _same_device(entry: mounts.MountEntry, device: str) -> bool:
@@ -82,7 +83,18 @@ def mount_pool(config: PoolConfig, force: bool = False) -> PoolMount:
     source = backing_path(config)
     _ensure_backing_file(source, config.size, config.name)
     Path(target).mkdir(parents=True, exist_ok=True)
-    device, backing = _block_device(source)
+    device, backing, attached = _block_device(source)
+    try:
+        return _mount_device(config, source, device, backing, force)
+    except BaseException:
+        if attached:  # a refused pool must not keep a loop device on its file
+            loop.detach(device)
+        raise
+
+
+def _mount_device(config: PoolConfig, source: str, device: str, backing: str | None, force: bool) -> PoolMount:
+    """Mount `device` at the pool's volumes folder, formatting it first only when it holds nothing."""
+    target = str(config.volumes_dir)
     present = mounts.mounts_at(target)
     if present:
         if not _same_device(present[-1], device):

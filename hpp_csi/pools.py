@@ -62,7 +62,8 @@ class StoragePool:
                 f"{exc.strerror}"
             ) from exc
         if self.volumes_dir.is_symlink() or not self.volumes_dir.is_dir():
-            raise PoolError(f"storage pool {self.name!r}: {self.volumes_dir} is not a directory")
+            what = "a symlink (give the real path)" if self.volumes_dir.is_symlink() else "not a directory"
+            raise PoolError(f"storage pool {self.name!r}: {self.volumes_dir} is {what}")
         try:
             self.store.prepare()
         except OSError as exc:

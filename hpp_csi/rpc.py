@@ -45,14 +45,22 @@ class CsiInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, metrics: DriverMetrics | None, in_flight: InFlight) -> None:
         self.metrics = metrics
         self.in_flight = in_flight
+        self._wrapped: dict[str, Handler] = {}  # one wrapper per method, not one per call
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None], details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        handler = continuation(details)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            wrapped = self._wrap(continuation(details), details.method)
+            if wrapped is not None:  # unknown methods are not cached: a client cannot grow the table
+                self._wrapped[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Handler | None, full_method: str) -> Handler | None:
         if handler is None or handler.unary_unary is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
         behaviour = handler.unary_unary
 
         def serve(request: Any, context: grpc.ServicerContext) -> Any:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from hpp_csi import block_publish
 from hpp_csi.config import PoolConfig
 from hpp_csi.controller import ControllerService
 from hpp_csi.identity import IdentityService
@@ -113,6 +114,7 @@ class Driver:
             pool.prepare()
         self.manager.load()
         self.snapshots.load()
+        block_publish.detach_orphans([pool.volumes_dir for pool in self.pools])
         metrics = self.metrics = DriverMetrics(self.manager)
         claim_socket(self.socket)
         server = grpc.server(
@@ -132,8 +134,13 @@ class Driver:
         server.start()
         self._server = server
         if o.metrics_address:
-            host, port = split_address(o.metrics_address)
-            self._metrics_server = start_http_server(port, host, registry=metrics.registry)
+            try:
+                host, port = split_address(o.metrics_address)
+                self._metrics_server = start_http_server(port, host, registry=metrics.registry)
+            except (OSError, EndpointError) as exc:
+                self.stop(0)  # no half-started driver: the socket goes too
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise EndpointError(f"cannot serve metrics on {o.metrics_address!r}: {reason}") from exc
             log.info("metrics on http://%s:%d/metrics", host, port)
         log.info("%s %s serving %s on node %s with %d volume(s) in pools %s", o.driver_name, o.version, self.socket,
                  o.node_id, self.manager.count(), ", ".join(p.name for p in self.pools))

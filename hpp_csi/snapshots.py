@@ -40,6 +40,8 @@ class SnapshotRecord:
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> SnapshotRecord:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})  # type: ignore[arg-type]
 
@@ -89,9 +91,12 @@ class SnapshotManager:
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     try:
                         record = SnapshotRecord.from_json(json.loads(Path(entry.path).read_bytes()))
+                        if record.snapshot_id != entry.name[: -len(".json")]:
+                            raise ValueError(f"it names snapshot {record.snapshot_id!r}")
                     except (ValueError, TypeError) as exc:
                         log.warning("snapshot record %s is unreadable (%s); ignoring it", entry.path, exc)
                         continue
+                    record.pool = pool.name  # where it is stored wins, should the pool have been renamed
                     records.setdefault(record.snapshot_id, record)
                     recorded.add(record.snapshot_id)
             for entry in os.scandir(folder):

@@ -358,10 +358,13 @@ class VolumeManager:
         if capacity <= record.capacity_bytes:
             return record
         growth = capacity - record.capacity_bytes
-        if volume.pool.quota and growth > self.available_for_new(volume.pool):
+        # The same rule as a new volume's: within what is not promised (quota pools) or free (thin pools).
+        available = self.available_for_new(volume.pool)
+        if growth > available:
+            what = "not yet promised to other volumes" if volume.pool.quota else "available"
             raise errors.out_of_range(
                 f"volume {volume.volume_id!r} cannot grow by {growth} bytes: storage pool {volume.pool.name!r} has "
-                f"{self.available_for_new(volume.pool)} bytes not yet promised to other volumes"
+                f"{available} bytes {what}"
             )
         if record.mode == "block":
             with open(volume.path, "r+b") as f:
