@@ -52,7 +52,9 @@ class StoragePool:
             try:
                 mounted = mount_pool(self.config)
             except (PoolDeviceError, xfs.DeviceNotBlank, xfs.CommandFailed, OSError) as exc:
-                raise PoolError(f"storage pool {self.name!r}: {exc}") from exc
+                prefix, message = f"storage pool {self.name!r}: ", str(exc)
+                # PoolDeviceError names the pool already: say it once
+                raise PoolError(message if message.startswith(prefix) else prefix + message) from exc
             log.info("storage pool %s: %s mounted at %s", self.name, mounted.device, mounted.mount_point)
         try:
             self.volumes_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
