@@ -1,0 +1,299 @@
+"""Import throughput per format over HTTP on loopback, next to CDI's route and the decompression limits.
+
+Run: .venv/bin/python bench/import.py   (about 5 minutes; writes the "import" section of docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "importer"))
+
+from imageserver import ImageServer, Route  # noqa: E402
+
+from bench.report import update_section  # noqa: E402
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+HPP_IMPORTER = str(Path(sys.executable).with_name("hpp-importer"))
+BLOCK = 4 * MiB
+
+
+@dataclass
+class Run:
+    seconds: float
+    python_peak: int = 0  # RSS of the importer's Python process
+    tree_peak: int = 0  # largest RSS of any process it ran (qemu-img, nbdkit, xz ...)
+
+
+def measure(cmd: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None) -> Run:
+    """Wall time and peak RSS of one command (polled for the process itself, wait4 for the whole tree)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, shell=shell, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        try:
+            p = psutil.Process(proc.pid)
+            while not stop.is_set():
+                peak = max(peak, p.memory_info().rss)
+                time.sleep(0.02)
+        except psutil.Error:
+            pass
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {cmd}\n{err}")
+    return Run(seconds, peak, usage.ru_maxrss * 1024)
+
+
+def write_mixed_image(path: Path, size: int, rng: random.Random) -> int:
+    """A disk-like raw image: 4 MiB blocks of random data, of text, and of zeros (holes) in rotation."""
+    text = b"".join(b"%08d usr/lib/python3/dist-packages/module_%d.py 0644 root root\n" % (i, i % 977)
+                    for i in range(BLOCK // 60 + 1))[:BLOCK]
+    data = 0
+    with path.open("wb") as f:
+        f.truncate(size)
+        for index in range(size // BLOCK):
+            kind = index % 10
+            if kind < 4:
+                f.seek(index * BLOCK)
+                f.write(rng.randbytes(BLOCK))
+            elif kind < 7:
+                f.seek(index * BLOCK)
+                f.write(text[index % 100 :] + text[: index % 100])
+            else:
+                continue
+            data += BLOCK
+    return data
+
+
+def write_sparse_image(path: Path, size: int, data: int, rng: random.Random) -> None:
+    """size bytes of which `data` are random, spread evenly as 4 MiB extents."""
+    count = data // BLOCK
+    stride = size // count
+    with path.open("wb") as f:
+        f.truncate(size)
+        for i in range(count):
+            f.seek(i * stride)
+            f.write(rng.randbytes(BLOCK))
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(cmd, shell=True, check=True)
+
+
+def build(work: Path, size: int) -> tuple[dict[str, Path], int]:
+    rng = random.Random(42)
+    raw = work / "disk.raw"
+    data = write_mixed_image(raw, size, rng)
+    sh(f"qemu-img convert -f raw -O qcow2 {raw} {work}/disk.qcow2")
+    sh(f"pigz -6 -c {raw} > {raw}.gz")
+    sh(f"xz -T0 -3 -c {raw} > {raw}.xz")
+    sh(f"zstd -q -T0 -c {raw} > {raw}.zst")
+    files = {"qcow2": work / "disk.qcow2", "raw": raw, "raw.gz": Path(f"{raw}.gz"), "raw.xz": Path(f"{raw}.xz"),
+             "raw.zst": Path(f"{raw}.zst")}
+    return files, data
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def ours(url: str, dest: Path, image_size: str) -> Run:
+    fresh(dest)
+    return measure([HPP_IMPORTER, "import", "--no-progress", "--endpoint", url, "--dest", str(dest),
+                    "--image-size", image_size])
+
+
+def cdi_route(url: str, fmt: str, dest: Path, scratch: Path) -> Run:
+    """CDI >= 1.60: download into scratch (decompressing), then qemu-img convert into the volume.
+
+    Generous to CDI: curl and the C decompressors stand in for its Go HTTP client and Go xz/gzip decoders.
+    """
+    fresh(dest)
+    fresh(scratch)
+    decompress = {"raw.gz": "gzip -dc", "raw.xz": "xz -dc -T1", "raw.zst": "zstd -dcq"}.get(fmt)
+    download = f"curl -sSf {url}" + (f" | {decompress}" if decompress else "")
+    src_fmt = "qcow2" if fmt == "qcow2" else "raw"
+    script = (f"set -e -o pipefail; {download} > {scratch}/img && "
+              f"qemu-img convert -t writeback -f {src_fmt} -O raw {scratch}/img {dest}/disk.img && "
+              f"rm {scratch}/img && sync {dest}/disk.img")
+    return measure(["bash", "-c", script])
+
+
+def limit(fmt: str, files: dict[str, Path], dest: Path) -> tuple[str, Run, Run]:
+    """The issue's limit (decompress to /dev/null, or a plain local copy) and the same tool writing a file + fsync."""
+    fresh(dest)
+    src = files[fmt]
+    if fmt == "raw":
+        run = measure(["bash", "-c", f"cp {src} {dest}/copy && sync {dest}/copy"])
+        return "cp (sparse) + fsync", run, run
+    if fmt == "qcow2":
+        run = measure(["bash", "-c", f"qemu-img convert -t writeback -f qcow2 -O raw {src} {dest}/copy"])
+        return "local qemu-img convert", run, run
+    tool = {"raw.gz": "gzip -dc", "raw.xz": "xz -dc -T0", "raw.zst": "zstd -dcq"}[fmt]
+    to_null = measure(["bash", "-c", f"{tool} < {src} > /dev/null"])
+    to_file = measure(["bash", "-c", f"{tool} < {src} > {dest}/copy && sync {dest}/copy"])
+    return f"`{tool} > /dev/null`", to_null, to_file
+
+
+def python_decoder(fmt: str, src: Path) -> float:
+    """Seconds for Python's own decoder (lzma / zlib) on the same file, the alternative we did not take."""
+    start = time.perf_counter()
+    decoder: Callable[[bytes], bytes] = (
+        lzma.LZMADecompressor().decompress if fmt == "raw.xz" else zlib.decompressobj(wbits=31).decompress
+    )
+    with src.open("rb") as f:
+        while chunk := f.read(MiB):
+            decoder(chunk)
+    return time.perf_counter() - start
+
+
+def best(runs: list[Run]) -> Run:
+    return min(runs, key=lambda r: r.seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default=512, type=int, help="MiB of the throughput image (default 512)")
+    parser.add_argument("--repeat", default=3, type=int, help="runs per measurement; the best is kept")
+    parser.add_argument("--keep", action="store_true", help="keep bench-run/import afterwards")
+    args = parser.parse_args()
+    work = fresh(REPO / "bench-run" / "import")
+    size = args.size * MiB
+    print(f"building a {args.size} MiB image and its variants in {work} ...", flush=True)
+    files, data = build(work, size)
+    server = ImageServer()
+    try:
+        lines = throughput_table(server, files, work, size, data, args.repeat)
+        lines += sparse_table(server, work, args.repeat)
+    finally:
+        server.close()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    load = "load average at the end: {:.1f} {:.1f} {:.1f} (2 cores; other work on the machine skews every figure)"
+    lines.append("")
+    lines.append(load.format(*os.getloadavg()))
+    update_section("import", "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def throughput_table(server: ImageServer, files: dict[str, Path], work: Path, size: int, data: int,
+                     repeat: int) -> list[str]:
+    dest, scratch = work / "dest", work / "scratch"
+    rows, decoders, peaks = [], [], []
+    for fmt in ("qcow2", "raw", "raw.gz", "raw.xz", "raw.zst"):
+        url = server.add(f"/{fmt}", Route(files[fmt]))
+        print(f"  {fmt} ...", flush=True)
+        mine = best([ours(url, dest, "2Gi") for _ in range(repeat)])
+        cdi = best([cdi_route(url, fmt, dest, scratch) for _ in range(repeat)])
+        limits = [limit(fmt, files, dest) for _ in range(repeat)]
+        limit_name = limits[0][0]
+        lim = best([entry[1] for entry in limits])
+        lim_file = best([entry[2] for entry in limits])
+        mbps = size / MiB / mine.seconds
+        rss = f"{mine.python_peak / MiB:.0f} / {mine.tree_peak / MiB:.0f}"
+        rows.append(f"| {fmt} | {files[fmt].stat().st_size / MiB:.0f} | {mine.seconds:.2f} ({mbps:.0f} MiB/s) | "
+                    f"{cdi.seconds:.2f} | **{cdi.seconds / mine.seconds:.1f}x** | {limit_name}: {lim.seconds:.2f} | "
+                    f"**{mine.seconds / lim.seconds:.2f}x** | {lim_file.seconds:.2f} | "
+                    f"**{mine.seconds / lim_file.seconds:.2f}x** | {rss} |")
+        peaks.append(mine.python_peak)
+        if fmt in ("raw.gz", "raw.xz"):
+            ours_tool, other_tool = ("pigz -dc", "gzip -dc") if fmt == "raw.gz" else ("xz -dc -T0", "xz -dc -T1")
+            chosen = best([measure(["bash", "-c", f"{ours_tool} < {files[fmt]} > /dev/null"]) for _ in range(repeat)])
+            other = best([measure(["bash", "-c", f"{other_tool} < {files[fmt]} > /dev/null"]) for _ in range(repeat)])
+            py = min(python_decoder(fmt, files[fmt]) for _ in range(repeat))
+            decoders.append(f"| {fmt} | `{ours_tool}` {chosen.seconds:.2f} | `{other_tool}` {other.seconds:.2f} | "
+                            f"{'lzma' if fmt == 'raw.xz' else 'zlib'} {py:.2f} |")
+    return [
+        f"### Import throughput, {size // MiB} MiB image ({data // MiB} MiB of data, the rest holes), HTTP on loopback",
+        "",
+        "Seconds, best of runs, page cache warm, each import ends with fsync. CDI's route = download into scratch "
+        "(decompressing with the C tools, single-threaded xz: this flatters CDI, whose Go xz decoder the issue "
+        "puts at 30x slower than `xz`) then `qemu-img convert -O raw`. The issue's limits write to /dev/null; the "
+        "next column runs the same tool into a file with fsync, which is what an import has to do. "
+        "Targets: >= 2x CDI on qcow2, raw.gz, raw.xz; <= 1.2x the limit; peak RSS <= 100 MiB.",
+        "",
+        "| format | served MiB | hpp-importer s | CDI route s | speed-up vs CDI | limit s | vs limit | "
+        "same tool into a file + fsync s | vs that | peak RSS MiB (importer / any child) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "### Decompressor choice (same files, output discarded)",
+        "",
+        "| file | the tool we run, s | the other tool, s | Python stdlib, s |",
+        "|---|---|---|---|",
+        *decoders,
+        "",
+        f"Peak RSS of the importer's Python process over all runs: {max(peaks) / MiB:.0f} MiB.",
+        "",
+    ]
+
+
+def sparse_table(server: ImageServer, work: Path, repeat: int) -> list[str]:
+    rng = random.Random(7)
+    dest = work / "dest"
+    rows = []
+    cases = [("10 GiB virtual, 5% data (qcow2)", 10 * GiB, "qcow2"), ("1 GiB virtual, same 512 MiB (qcow2)", GiB,
+             "qcow2"), ("10 GiB virtual, 5% data (raw.zst)", 10 * GiB, "raw.zst")]
+    for label, virtual, fmt in cases:
+        print(f"  sparse: {label} ...", flush=True)
+        raw = work / "sparse.raw"
+        write_sparse_image(raw, virtual, 512 * MiB, rng)
+        image = work / f"sparse.{fmt}"
+        if fmt == "qcow2":
+            sh(f"qemu-img convert -f raw -O qcow2 {raw} {image}")
+        else:
+            sh(f"zstd -q -T0 -c {raw} > {image}")
+        raw.unlink()
+        url = server.add(f"/sparse-{virtual}-{fmt}", Route(image))
+        run = best([ours(url, dest, "12Gi") for _ in range(repeat)])
+        allocated = (dest / "disk.img").stat().st_blocks * 512
+        rows.append(f"| {label} | {image.stat().st_size / MiB:.0f} | {run.seconds:.2f} | {allocated / MiB:.0f} | "
+                    f"{run.python_peak / MiB:.0f} |")
+        image.unlink()
+        shutil.rmtree(dest, ignore_errors=True)
+    return [
+        "### Sparse images: time follows the data, not the virtual size",
+        "",
+        "| image | served MiB | import s | allocated in target MiB | importer peak RSS MiB |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "qcow2 is read in place through nbdkit, so only allocated clusters travel. A compressed raw image has to be "
+        "decompressed in full (its zeros are in the stream), so that row grows with the virtual size, though its "
+        "holes are still not written.",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""`hpp-importer import`: flags, or CDI's importer-pod environment variables for drop-in use."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from importer.errors import ConfigError, ImporterError, ScratchSpaceRequired
+from importer.pipeline import Checksum
+from importer.processor import ImportProcessor, ImportRequest, ImportResult
+from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, termination_message, write_termination_message
+from importer.sources import BlankSource, FileSource, HttpOptions, HttpSource, Source
+from importer.sources.http import parse_header
+from importer.target import DEFAULT_FILESYSTEM_OVERHEAD, open_target
+from importer.units import human, parse_quantity
+
+log = logging.getLogger("hpp-importer")
+
+# CDI's importer pod layout.
+CDI_DATA_DIR = Path("/data")
+CDI_BLOCK_DEVICE = Path("/dev/cdi-block-volume")
+CDI_SCRATCH_DIR = Path("/scratch")
+EXTRA_HEADER_PREFIX = "IMPORTER_EXTRA_HEADER_"
+SOURCES = ("http", "file", "none", "blank")
+LATER_SOURCES = ("registry", "upload", "s3", "gcs", "imageio", "vddk")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpp-importer", description="Import VM disk images into volumes.")
+    sub = parser.add_subparsers(dest="command")
+    imp = sub.add_parser("import", help="import one image (flags override CDI's IMPORTER_* variables)")
+    imp.add_argument("--source", help="http (also https), file, or none/blank [IMPORTER_SOURCE]")
+    imp.add_argument("--endpoint", help="URL or file path of the image [IMPORTER_ENDPOINT]")
+    imp.add_argument("--content-type", choices=("kubevirt", "archive"), help="[IMPORTER_CONTENTTYPE]")
+    imp.add_argument("--dest", type=Path, help="directory (writes disk.img) or block device [/data]")
+    imp.add_argument("--image-size", help="requested volume size, a Kubernetes quantity [IMPORTER_IMAGE_SIZE]")
+    imp.add_argument("--filesystem-overhead", type=float, help="fraction kept free [FILESYSTEM_OVERHEAD, 0.055]")
+    imp.add_argument("--storage-class", help="storage class of the volume, to pick a per-class overhead")
+    imp.add_argument("--class-overhead", action="append", default=[], metavar="CLASS=FRACTION",
+                     help="overhead for one storage class (repeatable); wins over the global value")
+    imp.add_argument("--preallocation", action=argparse.BooleanOptionalAction, default=None,
+                     help="allocate the whole disk [PREALLOCATION]")
+    imp.add_argument("--insecure-tls", action="store_true", default=None, help="skip TLS verification [INSECURE_TLS]")
+    imp.add_argument("--cert-dir", type=Path, help="extra CA certificates [IMPORTER_CERT_DIR]")
+    imp.add_argument("--access-key-id", help="HTTP basic auth user [IMPORTER_ACCESS_KEY_ID]")
+    imp.add_argument("--secret-key", help="HTTP basic auth password [IMPORTER_SECRET_KEY]")
+    imp.add_argument("--extra-header", action="append", default=[], metavar="'NAME: VALUE'",
+                     help="extra HTTP header, repeatable [IMPORTER_EXTRA_HEADER_<n>]")
+    imp.add_argument("--checksum", help="expected digest of the bytes as served, e.g. sha256:<hex> [IMPORTER_CHECKSUM]")
+    imp.add_argument("--scratch", type=Path, help="scratch directory for images that need one [/scratch]")
+    imp.add_argument("--metrics-address", help="HOST:PORT to serve kubevirt_cdi_import_progress_total on")
+    imp.add_argument("--owner-uid", help="ownerUID label of the progress metric [OWNER_UID]")
+    imp.add_argument("--termination-log", type=Path, help="where the JSON result goes [/dev/termination-log]")
+    imp.add_argument("--stall-timeout", type=float, default=60.0, help="seconds without data before reconnecting")
+    imp.add_argument("--retries", type=int, default=5, help="reconnections without progress before failing")
+    imp.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled each time")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    imp.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _env_bool(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def extra_headers_from_env(env: Mapping[str, str]) -> list[str]:
+    """IMPORTER_EXTRA_HEADER_0, _1, ... in numeric order."""
+    numbered = [(int(k[len(EXTRA_HEADER_PREFIX):]), v) for k, v in env.items()
+                if k.startswith(EXTRA_HEADER_PREFIX) and k[len(EXTRA_HEADER_PREFIX):].isdigit()]
+    return [value for _, value in sorted(numbered)]
+
+
+def resolve_overhead(global_value: float, per_class: Sequence[str], storage_class: str | None) -> float:
+    """The storage class's own overhead if configured, else the global one (seed 10.22.4.2)."""
+    for item in per_class:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"invalid --class-overhead {item!r}: expected CLASS=FRACTION")
+        if name == storage_class:
+            return _fraction(value)
+    return global_value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise ConfigError(f"invalid filesystem overhead {text!r}: expected a fraction such as 0.055") from err
+    if not 0 <= value < 1:
+        raise ConfigError(f"filesystem overhead {value} must be at least 0 and below 1")
+    return value
+
+
+def build_source(args: argparse.Namespace, env: Mapping[str, str]) -> Source:
+    kind = (args.source or env.get("IMPORTER_SOURCE") or "").strip().lower()
+    endpoint = args.endpoint or env.get("IMPORTER_ENDPOINT", "")
+    if not kind:
+        kind = "file" if endpoint.startswith("file:") or endpoint.startswith("/") else "http"
+    if kind in ("none", "blank"):
+        return BlankSource()
+    if kind in LATER_SOURCES:
+        raise ConfigError(f"source {kind!r} is not supported yet (supported: {', '.join(SOURCES)})")
+    if kind not in SOURCES:
+        raise ConfigError(f"unknown source {kind!r} (supported: {', '.join(SOURCES)})")
+    if not endpoint:
+        raise ConfigError("no endpoint: pass --endpoint URL (IMPORTER_ENDPOINT)")
+    if kind == "file" or endpoint.startswith("file:"):
+        return FileSource(endpoint)
+    cert_dir = args.cert_dir or (Path(env["IMPORTER_CERT_DIR"]) if env.get("IMPORTER_CERT_DIR") else None)
+    headers = [*extra_headers_from_env(env), *args.extra_header]
+    user = args.access_key_id if args.access_key_id is not None else env.get("IMPORTER_ACCESS_KEY_ID") or None
+    password = args.secret_key if args.secret_key is not None else env.get("IMPORTER_SECRET_KEY") or None
+    options = HttpOptions(
+        insecure_tls=bool(args.insecure_tls) or _env_bool(env, "INSECURE_TLS"),
+        cert_dir=cert_dir,
+        username=user,
+        password=password,
+        headers=[parse_header(h) for h in headers],
+        stall_timeout=args.stall_timeout,
+        retries=args.retries,
+        retry_delay=args.retry_delay,
+    )
+    return HttpSource(endpoint, options)
+
+
+def build_request(args: argparse.Namespace, env: Mapping[str, str], progress: Progress) -> ImportRequest:
+    dest = args.dest or (CDI_BLOCK_DEVICE if CDI_BLOCK_DEVICE.exists() else CDI_DATA_DIR)
+    scratch = args.scratch or (CDI_SCRATCH_DIR if CDI_SCRATCH_DIR.is_dir() else None)
+    size_text = args.image_size or env.get("IMPORTER_IMAGE_SIZE")
+    overhead_text = env.get("FILESYSTEM_OVERHEAD") or str(DEFAULT_FILESYSTEM_OVERHEAD)
+    if args.filesystem_overhead is not None:
+        overhead_text = str(args.filesystem_overhead)
+    overhead = resolve_overhead(_fraction(overhead_text), args.class_overhead, args.storage_class)
+    checksum_text = args.checksum or env.get("IMPORTER_CHECKSUM")
+    preallocation = args.preallocation if args.preallocation is not None else _env_bool(env, "PREALLOCATION")
+    content_type = (args.content_type or env.get("IMPORTER_CONTENTTYPE") or "kubevirt").lower()
+    if content_type not in ("kubevirt", "archive"):
+        raise ConfigError(f"unknown content type {content_type!r}: expected kubevirt or archive")
+    return ImportRequest(
+        source=build_source(args, env),
+        target=open_target(dest),
+        content_type=content_type,
+        image_size=parse_quantity(size_text) if size_text else None,
+        filesystem_overhead=overhead,
+        preallocation=preallocation,
+        scratch_dir=scratch,
+        checksum=Checksum(checksum_text) if checksum_text else None,
+        progress=progress,
+    )
+
+
+def summary(result: ImportResult, description: str) -> str:
+    via = "+".join([*result.compressions, result.fmt])
+    extra = f", preallocation {result.preallocation.value}" if result.preallocation_applied else ""
+    extra += ", via scratch" if result.scratch_used else ""
+    return (f"imported {description} ({via}, route {result.route.value}) into {result.dest}: "
+            f"{human(result.virtual_size)} image, {human(result.usable_size)} disk{extra}")
+
+
+def run_import(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    termination_log = args.termination_log or (TERMINATION_LOG if TERMINATION_LOG.exists() else None)
+    try:
+        metrics = None
+        if args.metrics_address:
+            metrics = ImportMetrics(args.owner_uid or env.get("OWNER_UID", ""))
+            metrics.serve(args.metrics_address)
+        progress = Progress(metrics, None if args.no_progress else sys.stderr)
+        request = build_request(args, env, progress)
+        result = ImportProcessor(request).run()
+    except ScratchSpaceRequired as err:
+        return _fail(termination_log, str(err), scratch_space_required=True)
+    except ImporterError as err:
+        return _fail(termination_log, str(err))
+    except OSError as err:  # I/O on the target or scratch: ENOSPC, EIO, EACCES
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(termination_log, f"{err.strerror or err}{where}")
+    message = "Import Complete" + ("; Preallocation applied" if result.preallocation_applied else "")
+    if termination_log is not None:
+        write_termination_message(
+            termination_log, termination_message(message, preallocation_applied=result.preallocation_applied)
+        )
+    print(summary(result, request.source.description))
+    return 0
+
+
+def _fail(termination_log: Path | None, message: str, scratch_space_required: bool | None = None) -> int:
+    message = re.sub(r"\s+", " ", message).strip()
+    if termination_log is not None:
+        write_termination_message(
+            termination_log, termination_message(message, scratch_space_required=scratch_space_required)
+        )
+    print(f"hpp-importer: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv and env.get("IMPORTER_SOURCE"):
+        argv = ["import"]  # started as a CDI importer pod: configuration comes from the environment
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "import":
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="hpp-importer: %(levelname)s: %(message)s")
+    # Kubelet stops a pod with SIGTERM: unwind like any failure so temporary and scratch files are removed.
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return run_import(args, env)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_import(args, env)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise ImporterError(f"terminated by signal {signum}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

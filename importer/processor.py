@@ -1,0 +1,457 @@
+"""The import as an explicit phase machine: info → validate → transfer → convert → resize → complete."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from importer import formats, qemu_img
+from importer.errors import ConfigError, ImageTooLarge, InvalidImage, ScratchSpaceRequired, ToolError
+from importer.pipeline import (
+    CHUNK,
+    Checksum,
+    CountingReader,
+    Layers,
+    Reader,
+    can_write_through,
+    open_layers,
+    read_full,
+)
+from importer.progress import Progress
+from importer.sources import BlankSource, FileSource, Source, SourceInfo
+from importer.target import (
+    FileTarget,
+    Preallocation,
+    SparseWriter,
+    Target,
+    ZeroPolicy,
+    fallocate,
+    preallocate_file,
+    usable_size,
+)
+
+log = logging.getLogger(__name__)
+
+INFO_TIMEOUT = 60.0
+CHECK_TIMEOUT = 300.0  # check reads all metadata: about 1 MiB of L2 tables per 8 GiB of a qcow2
+# Limits for `qemu-img info` on untrusted images, as OpenStack applies them (crafted headers can eat memory/CPU).
+INFO_ADDRESS_SPACE = 1024 * 1024 * 1024
+INFO_CPU_SECONDS = 30
+SCRATCH_RESERVE = 0.02  # keep 2% of scratch free: a full scratch volume makes every later error confusing
+
+
+class Phase(Enum):
+    INFO = "info"
+    VALIDATE = "validate"
+    TRANSFER = "transfer"
+    CONVERT = "convert"
+    RESIZE = "resize"
+    COMPLETE = "complete"
+
+
+class Route(Enum):
+    """How the bytes travel; see docs/importer.md for the matrix."""
+
+    BLANK = "blank"  # no source: an empty disk of the usable size
+    STREAM = "stream"  # raw, possibly compressed: decompress straight into the target, no scratch, no qemu-img
+    DIRECT = "direct"  # a convertible format qemu-img reads in place (local file, or HTTP Range via nbdkit)
+    SCRATCH = "scratch"  # a convertible format that cannot be read in place: download to scratch, then convert
+    ARCHIVE = "archive"  # a tar extracted into the directory
+
+
+def choose_route(fmt: str, compressed: bool, random_access: bool, hash_before_convert: bool) -> Route:
+    """The route for an image whose innermost format is fmt (plain decision, tested directly)."""
+    if not formats.is_convertible(fmt):
+        return Route.STREAM
+    if compressed or not random_access or hash_before_convert:
+        return Route.SCRATCH
+    return Route.DIRECT
+
+
+def scratch_reason(fmt: str, compressions: list[str], random_access: bool) -> str:
+    if compressions:
+        return f"a {'+'.join(compressions)}-compressed {fmt} image must be decompressed before conversion"
+    if not random_access:
+        return f"the server does not support Range requests, so the {fmt} image must be downloaded first"
+    return f"the {fmt} image must be downloaded and its checksum verified before conversion"
+
+
+@dataclass
+class ImportRequest:
+    source: Source
+    target: Target
+    content_type: str = "kubevirt"
+    image_size: int | None = None
+    filesystem_overhead: float = 0.055
+    preallocation: bool = False
+    scratch_dir: Path | None = None
+    checksum: Checksum | None = None
+    progress: Progress = field(default_factory=Progress)
+    info_timeout: float = INFO_TIMEOUT
+
+
+@dataclass
+class ImportResult:
+    route: Route
+    fmt: str
+    compressions: list[str]
+    virtual_size: int
+    usable_size: int
+    preallocation: Preallocation
+    scratch_used: bool
+    dest: Path
+    source_bytes: int
+
+    @property
+    def preallocation_applied(self) -> bool:
+        return self.preallocation is not Preallocation.NONE
+
+
+class ImportProcessor:
+    """Runs one import; every phase method returns the next phase, failures unwind through abort()."""
+
+    def __init__(self, request: ImportRequest) -> None:
+        self.req = request
+        self.phase = Phase.INFO
+        self._stack = contextlib.ExitStack()
+        self._workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="hpp-importer-")))
+        self.info: SourceInfo | None = None
+        self.route = Route.STREAM
+        self.fmt = formats.RAW
+        self.layers: Layers | None = None
+        self.counter: CountingReader | None = None
+        self.qemu_input = ""
+        self.usable = 0
+        self.virtual_size = 0
+        self.work: Path | None = None
+        self.scratch_file: Path | None = None
+        self.applied = Preallocation.NONE
+        self._source_percent = self.req.progress.range(0, 100)
+
+    def run(self) -> ImportResult:
+        steps = {
+            Phase.INFO: self._info,
+            Phase.VALIDATE: self._validate,
+            Phase.TRANSFER: self._transfer,
+            Phase.CONVERT: self._convert,
+            Phase.RESIZE: self._resize,
+        }
+        try:
+            while self.phase is not Phase.COMPLETE:
+                log.debug("phase %s", self.phase.value)
+                self.phase = steps[self.phase]()
+            self.req.target.commit()
+            self.req.progress.done()
+        except BaseException:
+            self.req.target.abort()
+            raise
+        finally:
+            if self.layers is not None:
+                self.layers.close()
+            if self.scratch_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.scratch_file.unlink()
+            self._stack.close()
+        return ImportResult(
+            route=self.route,
+            fmt=self.fmt,
+            compressions=self.layers.compressions if self.layers else [],
+            virtual_size=self.virtual_size,
+            usable_size=self.usable,
+            preallocation=self.applied,
+            scratch_used=self.route is Route.SCRATCH,
+            dest=getattr(self.req.target, "final", self.req.target.path),
+            source_bytes=self.counter.count if self.counter else 0,
+        )
+
+    # -- phases ---------------------------------------------------------------------------------------
+
+    def _info(self) -> Phase:
+        req = self.req
+        self.info = info = req.source.probe()
+        if isinstance(req.source, BlankSource):
+            self.route = Route.BLANK
+            return Phase.VALIDATE
+        outer = formats.sniff(info.header)
+        hash_first = req.checksum is not None and not isinstance(req.source, FileSource)
+        if req.content_type == "kubevirt" and formats.is_convertible(outer):
+            self.fmt = outer
+            self.route = choose_route(outer, False, info.random_access, hash_first)
+            if self.route is Route.DIRECT:
+                self.qemu_input = req.source.qemu_input(self._stack, self._workdir)
+                return Phase.VALIDATE
+        # Everything else is read as a stream; peeling the compression layers reads only a few KiB.
+        self.counter = CountingReader(req.source.open(), req.checksum, self._on_source_bytes)
+        self.layers = open_layers(self.counter)
+        self.fmt = self.layers.fmt
+        if req.content_type == "archive":
+            self.route = Route.ARCHIVE
+        else:
+            compressed = bool(self.layers.compressions)
+            self.route = choose_route(self.fmt, compressed, info.random_access, hash_first)
+        if self.route is Route.SCRATCH and req.scratch_dir is None:
+            raise ScratchSpaceRequired(scratch_reason(self.fmt, self.layers.compressions, info.random_access))
+        return Phase.VALIDATE
+
+    def _validate(self) -> Phase:
+        req = self.req
+        overhead = req.target.overhead(req.filesystem_overhead)
+        self.usable = usable_size(req.target.available(), req.image_size, overhead)
+        if self.usable <= 0:
+            raise ImageTooLarge(0, self.usable)
+        if self.route is Route.BLANK:
+            self.virtual_size = self.usable
+            return Phase.RESIZE
+        if self.route is Route.ARCHIVE:
+            if req.target.is_block:
+                raise ConfigError("content type 'archive' needs a directory destination, not a block device")
+            if self.fmt != formats.TAR:
+                raise InvalidImage(f"content type 'archive' expects a tar archive, but the data is {self.fmt}")
+            return Phase.TRANSFER
+        header = self.layers.header if self.layers else (self.info.header if self.info else b"")
+        formats.check_header(self.fmt, header)
+        if self.route is Route.DIRECT:
+            self._check_image(self.qemu_input)
+        elif self.route is Route.STREAM and self.info and self.info.size is not None and not self.layers_compressed:
+            self.virtual_size = self.info.size
+            if self.virtual_size > self.usable:
+                raise ImageTooLarge(self.virtual_size, self.usable)
+        return Phase.TRANSFER
+
+    def _transfer(self) -> Phase:
+        if self.route is Route.STREAM:
+            self._stream_into_target()
+            return Phase.RESIZE
+        if self.route is Route.SCRATCH:
+            self._download_to_scratch()
+            return Phase.CONVERT
+        if self.route is Route.ARCHIVE:
+            self._extract_archive()
+            return Phase.COMPLETE
+        if self.req.checksum is not None:  # DIRECT from a local file: hash it in place before converting
+            with contextlib.closing(CountingReader(self.req.source.open(), self.req.checksum, lambda n: None)) as r:
+                while r.read(CHUNK):
+                    pass
+            self.req.checksum.verify()
+        return Phase.CONVERT
+
+    def _convert(self) -> Phase:
+        req = self.req
+        source = self.qemu_input if self.route is Route.DIRECT else str(self.scratch_file)
+        self.work = req.target.begin()
+        prealloc = None
+        if req.preallocation and not req.target.is_block:
+            prealloc = "falloc" if fallocate_supported(req.target.path) else "full"
+            self.applied = Preallocation(prealloc)
+        cmd = qemu_img.convert_command(source, self.fmt, str(self.work), preallocation=prealloc,
+                                       dest_is_block=req.target.is_block)
+        progress = req.progress.range(50, 100) if self.route is Route.SCRATCH else req.progress.range(0, 100)
+        run_with_progress(cmd, progress.set)
+        return Phase.RESIZE
+
+    def _resize(self) -> Phase:
+        req = self.req
+        if self.work is None:  # blank
+            self.work = req.target.begin()
+            if not req.target.is_block:
+                os.close(os.open(self.work, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660))
+        written = 0 if self.route is Route.BLANK else self.virtual_size
+        applied = req.target.finish_size(self.work, self.usable, req.preallocation, written)
+        if req.preallocation:
+            self.applied = applied if self.applied is Preallocation.NONE else self.applied
+        return Phase.COMPLETE
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    @property
+    def layers_compressed(self) -> bool:
+        return bool(self.layers and self.layers.compressions)
+
+    def _on_source_bytes(self, count: int) -> None:
+        size = self.info.size if self.info else None
+        if size:
+            self._source_percent.set(100.0 * count / size)
+
+    def _check_image(self, source: str) -> None:
+        """qemu-img info under limits, then the whitelist, the security checks and the size check."""
+        cmd = qemu_img.info_command(source, self.fmt)
+        try:
+            done = subprocess.run(cmd, capture_output=True, timeout=self.req.info_timeout, preexec_fn=_info_limits,
+                                  check=False)
+        except subprocess.TimeoutExpired as err:
+            raise InvalidImage(f"qemu-img info did not finish within {self.req.info_timeout:.0f}s") from err
+        if done.returncode != 0:
+            raise InvalidImage(f"not a valid {self.fmt} image: {_last_line(done.stderr)}")
+        info = qemu_img.parse_info(done.stdout.decode())
+        if info.format not in formats.ALLOWED_QEMU_FORMATS:
+            raise InvalidImage(f"image format {info.format} is not allowed (allowed: {formats.ALLOWED_QEMU_FORMATS})")
+        if info.backing_file:
+            raise InvalidImage(f"image has a backing file ({info.backing_file}); refusing it")
+        if info.data_file:
+            raise InvalidImage(f"image has an external data file ({info.data_file}); refusing it")
+        if info.encrypted:
+            raise InvalidImage("image is encrypted; encrypted images are not supported")
+        self.virtual_size = info.virtual_size
+        if info.virtual_size > self.usable:
+            raise ImageTooLarge(info.virtual_size, self.usable)
+        # qemu-img reads past the end of a local file as zeros: a truncated image would convert "successfully".
+        try:
+            done = subprocess.run(qemu_img.check_command(source, self.fmt), capture_output=True, check=False,
+                                  timeout=CHECK_TIMEOUT, preexec_fn=_info_limits)
+        except subprocess.TimeoutExpired as err:
+            raise InvalidImage(f"qemu-img check did not finish within {CHECK_TIMEOUT:.0f}s") from err
+        problem = qemu_img.check_problem(done.returncode, done.stdout.decode(errors="replace"),
+                                         done.stderr.decode(errors="replace"))
+        if problem:
+            raise InvalidImage(f"{self.fmt} image failed its consistency check: {problem}")
+
+    def _stream_into_target(self) -> None:
+        req = self.req
+        assert self.layers is not None
+        self.work = req.target.begin()
+        flags = os.O_WRONLY if req.target.is_block else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        fd = os.open(self.work, flags, 0o660)
+        try:
+            if req.preallocation and not req.target.is_block:
+                self.applied = preallocate_file(fd, 0, self.usable)
+            elif req.preallocation:
+                self.applied = Preallocation.FULL
+            compressions = self.layers.compressions
+            if not req.target.is_block and not req.preallocation and compressions \
+                    and can_write_through(compressions[-1]):
+                # xz/zstd write the file (holes included) themselves: no decompressed byte crosses Python.
+                self.layers.decompress_into(fd, self.usable)
+                self.virtual_size = os.fstat(fd).st_size
+            else:
+                writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+                copy(self.layers.open(), writer)
+                if not req.target.is_block and not req.preallocation:
+                    os.ftruncate(fd, writer.offset)
+                self.virtual_size = writer.offset
+            if req.checksum is not None:
+                req.checksum.verify()
+        finally:
+            os.close(fd)
+
+    def _download_to_scratch(self) -> None:
+        req = self.req
+        assert self.layers is not None and req.scratch_dir is not None
+        if not req.scratch_dir.is_dir():
+            raise ConfigError(f"scratch directory {req.scratch_dir} does not exist")
+        st = os.statvfs(req.scratch_dir)
+        limit = int(st.f_bavail * st.f_frsize * (1 - SCRATCH_RESERVE))
+        self.scratch_file = req.scratch_dir / f"hpp-import-{uuid.uuid4().hex[:12]}.{self.fmt}"
+        self._source_percent = req.progress.range(0, 50)
+        fd = os.open(self.scratch_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            writer = SparseWriter(fd, ZeroPolicy.SKIP, limit)
+            try:
+                copy(self.layers.open(), writer)
+            except ImageTooLarge as err:
+                raise InvalidImage(
+                    f"the downloaded image does not fit in scratch space {req.scratch_dir} ({limit} bytes usable)"
+                ) from err
+            os.ftruncate(fd, writer.offset)
+        finally:
+            os.close(fd)
+        if req.checksum is not None:
+            req.checksum.verify()
+        with open(self.scratch_file, "rb") as f:
+            formats.check_header(self.fmt, f.read(formats.HEADER_SIZE))
+        self._check_image(str(self.scratch_file))
+
+    def _extract_archive(self) -> None:
+        req = self.req
+        assert self.layers is not None and isinstance(req.target, FileTarget)
+        staging = req.target.path / f".archive.{uuid.uuid4().hex[:12]}.part"
+        staging.mkdir()
+        try:
+            extract_tar(self.layers.open(), staging, self.usable)
+            if req.checksum is not None:
+                req.checksum.verify()
+            for entry in sorted(staging.iterdir()):
+                os.replace(entry, req.target.path / entry.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy(reader: Reader, writer: SparseWriter) -> None:
+    while chunk := read_full(reader, CHUNK):
+        writer.write(chunk)
+
+
+def extract_tar(reader: Reader, directory: Path, limit: int) -> None:
+    """Extract a tar stream, refusing members that escape the directory, links out, devices, and bombs."""
+    total = 0
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                try:
+                    if member.name.startswith("/"):  # data_filter would strip the slash; we refuse outright
+                        raise tarfile.AbsolutePathError(member)
+                    safe = tarfile.data_filter(member, str(directory))
+                except tarfile.FilterError as err:
+                    raise InvalidImage(f"unsafe tar member {member.name!r}: {err}") from err
+                total += member.size
+                if total > limit:
+                    raise ImageTooLarge(total, limit, at_least=True)
+                tar.extract(safe, directory, filter="fully_trusted")
+    except tarfile.TarError as err:
+        raise InvalidImage(f"invalid tar archive: {err}") from err
+
+
+def fallocate_supported(directory: Path) -> bool:
+    """Whether the filesystem holding directory implements fallocate(2) (so preallocation=falloc works)."""
+    with tempfile.TemporaryFile(dir=directory) as probe:
+        try:
+            fallocate(probe.fileno(), 0, 0, 4096)
+            return True
+        except OSError:
+            return False
+
+
+def run_with_progress(cmd: list[str], on_percent: Callable[[float], None]) -> None:
+    """Run qemu-img convert -p, forwarding its percentages; a failure carries qemu-img's last error line."""
+    log.debug("running %s", " ".join(cmd))
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        except OSError as err:
+            raise ToolError(f"cannot run {cmd[0]}: {err}") from err
+        assert proc.stdout is not None
+        try:
+            while data := os.read(proc.stdout.fileno(), 4096):
+                percent = qemu_img.parse_progress(data)
+                if percent is not None:
+                    on_percent(percent)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+        if proc.returncode != 0:
+            stderr.seek(0)
+            raise ToolError(f"{cmd[0]} {cmd[1]} failed: {_last_line(stderr.read())}")
+
+
+def _info_limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (INFO_ADDRESS_SPACE, INFO_ADDRESS_SPACE))
+    resource.setrlimit(resource.RLIMIT_CPU, (INFO_CPU_SECONDS, INFO_CPU_SECONDS))
+
+
+def _last_line(output: bytes) -> str:
+    lines = output.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no error output"

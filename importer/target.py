@@ -1,0 +1,326 @@
+"""Where the image lands: a directory (disk.img) or a block device; usable space, preallocation, sparse writes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import math
+import os
+import stat
+import struct
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from importer.errors import ConfigError, ImageTooLarge, ImporterError
+from importer.units import MiB, round_down
+
+DISK_IMAGE_NAME = "disk.img"
+DEFAULT_FILESYSTEM_OVERHEAD = 0.055  # seed 10.22.4: 5.5% of a Filesystem-mode PVC is kept for metadata
+ZERO_BLOCK = 4096  # hole granularity, as qemu-img convert -S 4k
+_ZEROS = bytes(1024 * 1024)
+_ZERO_BLOCK = bytes(ZERO_BLOCK)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_BLKGETSIZE64 = 0x80081272
+
+SYNC_FILE_RANGE_WRITE = 0x2
+WRITEBACK_EVERY = 32 * 1024 * 1024  # start writeback this often, so the final fsync has little left to wait for
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) itself: unlike os.posix_fallocate, it says EOPNOTSUPP instead of silently writing zeros."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range now (sync_file_range); errors only lose the overlap."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def usable_size(available: int, requested: int | None, overhead: float) -> int:
+    """Space the disk may use: min(requested, available) * (1 - overhead), rounded down to 1 MiB."""
+    if not 0 <= overhead < 1:
+        raise ConfigError(f"filesystem overhead {overhead} must be in [0, 1)")
+    base = available if requested is None else min(requested, available)
+    return round_down(math.floor(base * (1 - overhead)), MiB)
+
+
+class Preallocation(Enum):
+    """What preallocation actually did; CDI reports it in the termination message."""
+
+    NONE = "off"
+    FALLOC = "falloc"
+    FULL = "full"
+
+
+class ZeroPolicy(Enum):
+    """What to do with an all-zero block of the image."""
+
+    SKIP = "skip"  # a new file, or preallocated with fallocate: the range already reads as zeros
+    PUNCH = "punch"  # a block device: discard so it reads as zeros and keeps no stale data
+    ALLOCATE = "allocate"  # a block device with preallocation: zero it and keep it allocated
+    WRITE = "write"  # full preallocation where fallocate is unsupported: write the zeros
+
+
+class SparseWriter:
+    """Writes a stream at increasing offsets, turning all-zero 4 KiB blocks into holes (or zeros, by policy)."""
+
+    def __init__(self, fd: int, policy: ZeroPolicy, limit: int) -> None:
+        self._fd, self._policy, self._limit = fd, policy, limit
+        self.offset = 0
+        self.data_bytes = 0
+        self._synced = 0
+
+    def write(self, data: bytes) -> None:
+        end = self.offset + len(data)
+        if end > self._limit:
+            raise ImageTooLarge(end, self._limit, at_least=True)
+        if data == _ZEROS[: len(data)]:
+            self.zero(self.offset, len(data))
+        elif _ZERO_BLOCK not in data:  # no 4 KiB run of zeros anywhere: one write, no per-block scan
+            os.pwrite(self._fd, data, self.offset)
+            self.data_bytes += len(data)
+        else:
+            self._write_mixed(data)
+        self.offset = end
+        if end - self._synced >= WRITEBACK_EVERY:
+            start_writeback(self._fd, self._synced, end - self._synced)
+            self._synced = end
+
+    def _write_mixed(self, data: bytes) -> None:
+        run_start, run_zero = 0, data[:ZERO_BLOCK] == _ZEROS[: min(ZERO_BLOCK, len(data))]
+        for pos in range(ZERO_BLOCK, len(data), ZERO_BLOCK):
+            block = data[pos : pos + ZERO_BLOCK]
+            zero = block == _ZEROS[: len(block)]
+            if zero != run_zero:
+                self._emit(data, run_start, pos, run_zero)
+                run_start, run_zero = pos, zero
+        self._emit(data, run_start, len(data), run_zero)
+
+    def _emit(self, data: bytes, start: int, end: int, zero: bool) -> None:
+        if zero:
+            self.zero(self.offset + start, end - start)
+        else:
+            os.pwrite(self._fd, memoryview(data)[start:end], self.offset + start)
+            self.data_bytes += end - start
+
+    def zero(self, offset: int, length: int) -> None:
+        if self._policy is ZeroPolicy.SKIP:
+            return
+        if self._policy in (ZeroPolicy.PUNCH, ZeroPolicy.ALLOCATE):
+            # Devices zero whole sectors only: write the unaligned edges, let the device zero the middle.
+            start = -(-offset // ZERO_BLOCK) * ZERO_BLOCK
+            end = max(start, round_down(offset + length, ZERO_BLOCK))
+            punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            mode = punch if self._policy is ZeroPolicy.PUNCH else FALLOC_FL_ZERO_RANGE
+            try:
+                fallocate(self._fd, mode, start, end - start)
+                write_zeros(self._fd, offset, min(start, offset + length) - offset)
+                write_zeros(self._fd, end, max(0, offset + length - end))
+                return
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                    raise
+                self._policy = ZeroPolicy.WRITE  # the device cannot zero by itself; remember, do not retry
+        write_zeros(self._fd, offset, length)
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    while length > 0:
+        step = min(length, len(_ZEROS))
+        os.pwrite(fd, _ZEROS[:step], offset)
+        offset += step
+        length -= step
+
+
+def preallocate_file(fd: int, offset: int, length: int) -> Preallocation:
+    """Allocate [offset, offset+length): fallocate where the filesystem can, else write zeros ("full")."""
+    try:
+        fallocate(fd, 0, offset, length)
+        return Preallocation.FALLOC
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    write_zeros(fd, offset, length)
+    return Preallocation.FULL
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Target:
+    """Common interface of the two destinations; the processor only talks to this."""
+
+    path: Path
+
+    is_block = False
+
+    def available(self) -> int:
+        raise NotImplementedError
+
+    def overhead(self, configured: float) -> float:
+        return configured
+
+    def begin(self) -> Path:
+        """The path to write to until commit."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def current_size(self, work: Path) -> int:
+        raise NotImplementedError
+
+    def zero_policy(self, preallocation: Preallocation) -> ZeroPolicy:
+        raise NotImplementedError
+
+    def finish_size(self, work: Path, usable: int, preallocate: bool, written: int) -> Preallocation:
+        """Grow to the usable size (never shrink) and preallocate the growth when asked."""
+        raise NotImplementedError
+
+
+class FileTarget(Target):
+    """A directory (the PVC mount); the image becomes <dir>/disk.img through a hidden temporary name."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        if not directory.is_dir():
+            raise ConfigError(f"destination {directory} is not a directory or a block device")
+        self.final = directory / DISK_IMAGE_NAME
+        self.work: Path | None = None
+
+    def available(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def begin(self) -> Path:
+        self.work = self.path / f".{DISK_IMAGE_NAME}.{uuid.uuid4().hex[:12]}.part"
+        return self.work
+
+    def commit(self) -> None:
+        if self.work is None:  # an archive: its entries were renamed into place one by one
+            fsync_path(self.path)
+            return
+        fsync_path(self.work)
+        os.replace(self.work, self.final)
+        fsync_path(self.path)  # the rename itself must survive a crash
+        self.work = None
+
+    def abort(self) -> None:
+        if self.work is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.work.unlink()
+            self.work = None
+
+    def current_size(self, work: Path) -> int:
+        return work.stat().st_size
+
+    def zero_policy(self, preallocation: Preallocation) -> ZeroPolicy:
+        # A new file reads as zeros, and a preallocated one was allocated (or zero-filled) beforehand.
+        return ZeroPolicy.SKIP
+
+    def finish_size(self, work: Path, usable: int, preallocate: bool, written: int) -> Preallocation:
+        fd = os.open(work, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            size = os.fstat(fd).st_size
+            applied = Preallocation.NONE
+            if usable > size:
+                # Only the growth: the image part was preallocated while it was written (or by qemu-img).
+                if preallocate:
+                    applied = preallocate_file(fd, size, usable - size)
+                else:
+                    os.ftruncate(fd, usable)
+            os.fsync(fd)
+            return applied
+        finally:
+            os.close(fd)
+
+
+class BlockTarget(Target):
+    """A raw block device (volumeMode: Block): written in place, no filesystem, so no overhead."""
+
+    is_block = True
+
+    def __init__(self, device: Path) -> None:
+        super().__init__(device)
+        self._check_not_in_use()
+
+    def _check_not_in_use(self) -> None:
+        # O_EXCL on a block device fails with EBUSY while it is mounted or held by another opener.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_EXCL)
+        except OSError as err:
+            raise ImporterError(f"cannot open block device {self.path} exclusively: {err.strerror}") from err
+        os.close(fd)
+
+    def available(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+            return int(struct.unpack("Q", buf)[0])
+        finally:
+            os.close(fd)
+
+    def overhead(self, configured: float) -> float:
+        return 0.0
+
+    def begin(self) -> Path:
+        return self.path
+
+    def commit(self) -> None:
+        fsync_path(self.path)
+
+    def abort(self) -> None:
+        # A device cannot be swapped atomically; everything checkable was checked before the first write.
+        pass
+
+    def current_size(self, work: Path) -> int:
+        return self.available()
+
+    def zero_policy(self, preallocation: Preallocation) -> ZeroPolicy:
+        return ZeroPolicy.PUNCH if preallocation is Preallocation.NONE else ZeroPolicy.ALLOCATE
+
+    def finish_size(self, work: Path, usable: int, preallocate: bool, written: int) -> Preallocation:
+        """Zero the device past the image, so the guest never sees what was there before."""
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            writer = SparseWriter(fd, ZeroPolicy.ALLOCATE if preallocate else ZeroPolicy.PUNCH, usable)
+            writer.zero(written, usable - written)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return Preallocation.FULL if preallocate else Preallocation.NONE
+
+
+def open_target(dest: Path) -> Target:
+    """A FileTarget for a directory, a BlockTarget for a block device."""
+    try:
+        mode = os.stat(dest).st_mode
+    except FileNotFoundError as err:
+        raise ConfigError(f"destination {dest} does not exist") from err
+    if stat.S_ISBLK(mode):
+        return BlockTarget(dest)
+    return FileTarget(dest)
