@@ -39,6 +39,8 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/csi_ops.py
+	$(BIN)/python bench/clone.py
+	$(BIN)/python bench/import.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

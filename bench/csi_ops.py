@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,10 +23,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import update_section  # noqa: E402
-from hpp_csi.ctl import mount_capability  # noqa: E402
-from hpp_csi.spec import csi_pb2 as csi  # noqa: E402
-from hpp_csi.spec import csi_pb2_grpc as csi_grpc  # noqa: E402
+from bench.report import update_section
+from hpp_csi.ctl import mount_capability
+from hpp_csi.spec import csi_pb2 as csi
+from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / ".venv" / "bin" / "hpp-csi"
@@ -185,15 +184,16 @@ def main() -> int:
     results: list[str] = []
     notes: dict[str, float] = {}
     try:
-        bench_driver(workdir / "empty", 0, opts.count, results, notes) if (workdir / "empty").mkdir() is None else None
-        bench_driver(workdir / "full", opts.existing, opts.count, results, notes) if (workdir / "full").mkdir() \
-            is None else None
+        for name, existing in (("empty", 0), ("full", opts.existing)):
+            (workdir / name).mkdir()
+            bench_driver(workdir / name, existing, opts.count, results, notes)
         bench_baseline(workdir, opts.count, results)
     finally:
         subprocess.run(["umount", "-R", str(workdir / "baseline-target")], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    fs = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir() if opts.workdir is None else str(opts.workdir)],
-                        capture_output=True, text=True).stdout.strip()
+    where = tempfile.gettempdir() if opts.workdir is None else str(opts.workdir)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", where], capture_output=True, text=True).stdout.strip()
+    startup = notes.get(f"startup_s_{opts.existing}", 0)
     table = "\n".join([
         "## CSI operations (`bench/csi_ops.py`)",
         "",
@@ -205,7 +205,7 @@ def main() -> int:
         "|---|---:|---:|---:|",
         *results,
         "",
-        f"- Start-up to first ready Probe with {opts.existing} volumes: {notes.get(f'startup_s_{opts.existing}', 0):.3f} s",
+        f"- Start-up to first ready Probe with {opts.existing} volumes: {startup:.3f} s (process start included)",
         f"- Driver RSS after the runs: {notes.get('rss_mib_0', 0):.1f} MiB (0 existing), "
         f"{notes.get(f'rss_mib_{opts.existing}', 0):.1f} MiB ({opts.existing} existing)",
         "- Targets (issue #2, 2 cores): sequential CreateVolume >= 800 ops/s; NodePublishVolume p50 <= 2 ms; "
