@@ -13,6 +13,12 @@ RESERVED_NAMES = frozenset({"lost+found", "csi"})
 _BANNED = re.compile(r"[\x00-\x1f\x7f-\x9f/]")
 
 
+def require(value: str, field: str) -> str:
+    if not value:
+        raise invalid_argument(f"{field} is required")
+    return value
+
+
 def volume_id(value: str, field: str = "volume_id") -> str:
     """Check an ID or name that will name an entry in a pool; return it unchanged."""
     if not value:

@@ -64,6 +64,15 @@ def as_mounted(path: str) -> str:
     return os.path.join(os.path.realpath(head), tail)
 
 
+def existing_path(value: str) -> str:
+    """A volume path kubelet gives to stats or expansion: NOT_FOUND unless it is absolute and exists (as
+    csi-sanity expects for 'some/path')."""
+    path = os.path.normpath(value)
+    if not os.path.isabs(path) or not os.path.lexists(path):
+        raise errors.not_found(f"volume path {value!r} does not exist")
+    return path
+
+
 def open_dir_nofollow(path: str) -> int:
     """An O_PATH handle on a directory that is not a symlink, so a mount cannot be redirected by one."""
     try:
@@ -220,12 +229,9 @@ class NodeService(csi_grpc.NodeServicer):
         self, request: csi.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi.NodeGetVolumeStatsResponse:
         volume_id = names.volume_id(request.volume_id)
-        if not request.volume_path:
-            raise errors.invalid_argument("volume_path is required")
+        names.require(request.volume_path, "volume_path")
         volume = self.manager.get(volume_id)
-        volume_path = os.path.normpath(request.volume_path)
-        if not os.path.isabs(volume_path) or not os.path.lexists(volume_path):
-            raise errors.not_found(f"volume path {request.volume_path!r} does not exist")
+        volume_path = existing_path(request.volume_path)
         if not volume.exists_on_disk():
             condition = csi.VolumeCondition(abnormal=True, message=f"volume data {volume.path} is missing")
             return csi.NodeGetVolumeStatsResponse(volume_condition=condition)
@@ -267,12 +273,10 @@ class NodeService(csi_grpc.NodeServicer):
         self, request: csi.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi.NodeExpandVolumeResponse:
         volume_id = names.volume_id(request.volume_id)
-        if not request.volume_path:
-            raise errors.invalid_argument("volume_path is required")
+        names.require(request.volume_path, "volume_path")
         with self.manager.locks.hold(volume_id):
             volume = self.manager.get(volume_id)
-            if not os.path.isabs(request.volume_path) or not os.path.lexists(request.volume_path):
-                raise errors.not_found(f"volume path {request.volume_path!r} does not exist")
+            existing_path(request.volume_path)
             if volume.record.mode == "block":
                 block_publish.refresh(volume.path)
         return csi.NodeExpandVolumeResponse(capacity_bytes=volume.record.capacity_bytes)
