@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from csikit import FAST_POOL_SIZE, Driver, make_root, mount, remove_root, unmount_under
+from csikit import FAST_POOL_SIZE
+from drivertools import Driver, drivers, make_root, mount, remove_root, running, unmount_under
 
 if os.geteuid() != 0:  # bind mounts and tmpfs need root
     pytest.skip("the CSI conformance tests need root", allow_module_level=True)
@@ -27,24 +27,15 @@ def driver() -> Iterator[Driver]:
     except BaseException:
         remove_root(root)
         raise
-    try:
-        yield proc.start()
-    finally:
-        proc.shutdown()
+    with running(proc):
+        yield proc
 
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Driver]]:
     """Make drivers with a fresh folder each (not started); all are stopped and removed afterwards."""
-    made: list[Driver] = []
-
-    def make(**kwargs: Any) -> Driver:
-        made.append(Driver(make_root(), **kwargs))
-        return made[-1]
-
-    yield make
-    for proc in made:
-        proc.shutdown()
+    with drivers(Driver) as make:
+        yield make
 
 
 @pytest.fixture

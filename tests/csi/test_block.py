@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csikit import (
+from csikit import usage_of
+from drivertools import (
     AccessMode,
     Driver,
     MiB,
@@ -21,7 +22,6 @@ from csikit import (
     mount_cap,
     rpc_error,
     unique,
-    usage_of,
 )
 
 from hpp_csi.spec import csi_pb2 as csi

@@ -6,20 +6,8 @@ import shutil
 
 import grpc
 import pytest
-from csikit import (
-    FAST_POOL_SIZE,
-    NODE_ID,
-    SNW,
-    TOPOLOGY_KEY,
-    AccessMode,
-    Driver,
-    MiB,
-    block_cap,
-    create_request,
-    mount_cap,
-    rpc_error,
-    unique,
-)
+from csikit import FAST_POOL_SIZE, TOPOLOGY_KEY
+from drivertools import NODE_ID, SNW, AccessMode, Driver, MiB, block_cap, create_request, mount_cap, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc

@@ -8,7 +8,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from csikit import HPP_CSI, NODE_ID, Driver, MiB, is_mounted
+from drivertools import HPP_CSI, NODE_ID, Driver, MiB, is_mounted
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,8 @@ from importlib.metadata import version
 
 import grpc
 import pytest
-from csikit import DRIVER_NAME, Driver, mount, umount, unique
+from csikit import DRIVER_NAME
+from drivertools import Driver, mount, umount, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 

@@ -9,21 +9,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csikit import (
+from csikit import TOPOLOGY_KEY, usage_of
+from drivertools import (
     NODE_ID,
-    TOPOLOGY_KEY,
     AccessMode,
     Driver,
     MiB,
     block_cap,
     is_mounted,
     mount_cap,
-    mounts,
+    mount_table,
     mounts_at,
     rpc_error,
     umount,
     unique,
-    usage_of,
 )
 
 from hpp_csi.spec import csi_pb2 as csi
@@ -82,7 +81,7 @@ class TestNodePublishValidation:
         path = bad.format(parent=os.path.dirname(target))
         with rpc_error(INVALID, "target_path"):
             driver.publish(volume, path)
-        assert not any(m.root.endswith("/" + volume) for m in mounts())
+        assert not any(m.root.endswith("/" + volume) for m in mount_table())
 
     def test_root_target(self, driver: Driver, volume: str) -> None:
         with rpc_error(INVALID):

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from csikit import Driver, MiB, free_port, make_root, mount, remove_root, rpc_error
+from csikit import free_port
+from drivertools import Driver, MiB, make_root, mount, remove_root, rpc_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

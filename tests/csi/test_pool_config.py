@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from csikit import HPP_CSI
+from drivertools import HPP_CSI
 
 from hpp_csi.config import ConfigError, load_cr, parse_cr, parse_datadir
 

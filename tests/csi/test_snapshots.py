@@ -9,7 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csikit import Driver, MiB, block_cap, create_request, rpc_error, unique, usage_of
+from csikit import usage_of
+from drivertools import Driver, MiB, block_cap, create_request, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 

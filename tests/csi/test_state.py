@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csikit import Driver, MiB, is_mounted, mount, mount_cap, rpc_error, unique, usage_of
+from csikit import usage_of
+from drivertools import Driver, MiB, is_mounted, mount, mount_cap, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc

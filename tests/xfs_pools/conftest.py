@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from drivertools import drivers, loops_backing, running
 
 from hpp_csi import loop
 
-from .poolkit import PoolDriver, loops_backing
+from .poolkit import PoolDriver
 
 # Where the VM test ran, shown at the end of the run even with -q.
 VM_NOTES: list[str] = []
@@ -21,25 +21,15 @@ VM_NOTES: list[str] = []
 @pytest.fixture(scope="module")
 def driver() -> Iterator[PoolDriver]:
     """A driver serving pool `legacy`: XFS on a sparse 4 GiB file, mounted at <root>/pool/csi."""
-    proc = PoolDriver()
-    try:
-        yield proc.start()
-    finally:
-        proc.shutdown()
+    with running(PoolDriver()) as proc:
+        yield proc
 
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., PoolDriver]]:
     """Drivers with a root of their own (not started); all stopped and undone afterwards."""
-    made: list[PoolDriver] = []
-
-    def make(**kwargs: Any) -> PoolDriver:
-        made.append(PoolDriver(**kwargs))
-        return made[-1]
-
-    yield make
-    for proc in made:
-        proc.shutdown()
+    with drivers(PoolDriver) as make:
+        yield make
 
 
 class LoopTracker:

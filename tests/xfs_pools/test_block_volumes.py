@@ -10,11 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from drivertools import MiB, loops_backing, mounts_at, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 
 from .conftest import LoopTracker
-from .poolkit import MiB, PoolDriver, device_size, loops_backing, mounts_at, rpc_error, unique
+from .poolkit import PoolDriver, device_size
 
 SIZE = 64 * MiB
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -124,7 +125,7 @@ def test_a_published_block_volume_cannot_be_deleted(driver: PoolDriver, volume: 
     driver.unpublish(volume, target)
     driver.delete(volume)
     assert not os.path.lexists(image) and loops_backing(image) == []
-    assert volume not in driver.listed_volume_ids()
+    assert volume not in driver.listed_ids()
 
 
 def test_a_loop_device_left_by_a_crash_is_detached_at_start(driver: PoolDriver, volume: str,

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from drivertools import MiB, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 
-from .poolkit import MiB, PoolDriver, device_size, rpc_error, unique
+from .poolkit import PoolDriver, device_size
 
 INVALID_ARGUMENT, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 

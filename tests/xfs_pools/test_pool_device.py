@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from blocks.test_xfs import write_gpt
+from drivertools import MiB, loops_backing, mounts_at
 
 from .conftest import LoopTracker
-from .poolkit import POOL_SIZE, MiB, PoolDriver, loops_backing, mounts_at, run
+from .poolkit import POOL_SIZE, PoolDriver, run
 
 QUOTA_KERNEL = Path("/proc/fs/xfs/xqmstat").exists()
 
@@ -45,7 +46,7 @@ def test_restart_reuses_the_mount_and_the_loop_device(spawn: Callable[..., PoolD
     assert loops_backing(proc.image) == [device]
     assert [m.mount_id for m in mounts_at(proc.pool_dir)] == [mount.mount_id]
     assert (proc.volume_path(volume) / "data").read_bytes() == b"kept across restarts"
-    assert proc.listed_volume_ids() == [volume]
+    assert proc.listed_ids() == [volume]
     assert "formatted" not in proc.log()
 
 

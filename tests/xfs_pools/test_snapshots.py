@@ -11,10 +11,11 @@ from typing import Any
 
 import grpc
 import pytest
+from drivertools import GiB, MiB, from_snapshot, from_volume, mount_cap, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 
-from .poolkit import GiB, MiB, PoolDriver, from_snapshot, from_volume, mount_cap, rpc_error, run, unique, write_pattern
+from .poolkit import PoolDriver, run, write_pattern
 
 NOT_FOUND, ALREADY_EXISTS, ABORTED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED
 
