@@ -35,6 +35,7 @@ from importer.target import (
     Preallocation,
     SparseWriter,
     Target,
+    WritebackPacer,
     ZeroPolicy,
     fallocate,
     preallocate_file,
@@ -257,7 +258,8 @@ class ImportProcessor:
         cmd = qemu_img.convert_command(source, self.fmt, str(self.work), preallocation=prealloc,
                                        dest_is_block=req.target.is_block)
         progress = req.progress.range(50, 100) if self.route is Route.SCRATCH else req.progress.range(0, 100)
-        run_with_progress(cmd, progress.set)
+        with WritebackPacer(self.work):
+            run_with_progress(cmd, progress.set)
         return Phase.RESIZE
 
     def _resize(self) -> Phase:
@@ -331,7 +333,8 @@ class ImportProcessor:
             if not req.target.is_block and not req.preallocation and compressions \
                     and can_write_through(compressions[-1]):
                 # xz/zstd write the file (holes included) themselves: no decompressed byte crosses Python.
-                self.layers.decompress_into(fd, self.usable)
+                with WritebackPacer(self.work):
+                    self.layers.decompress_into(fd, self.usable)
                 self.virtual_size = os.fstat(fd).st_size
             else:
                 writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)

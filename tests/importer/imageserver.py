@@ -30,6 +30,7 @@ class Route:
     extra_length: int = 0  # announce this many more bytes than exist, then close (a lying Content-Length)
     redirect_to: str | None = None  # answer 302 to this path instead
     required_headers: dict[str, str] = field(default_factory=dict)
+    rate: int | None = None  # pace every response to this many bytes per second (a network-like link)
 
 
 class ImageServer:
@@ -138,7 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
         stall = route.stall_at is not None and start < route.stall_at < start + length
         if stall:
             limit = route.stall_at - start  # type: ignore[operator]
-        self._send_file(route.path, start, min(limit, length))
+        self._send_file(route.path, start, min(limit, length), route.rate)
         if stall:
             route.stall_at = None
             time.sleep(route.stall_seconds)
@@ -149,9 +150,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         return None
 
-    def _send_file(self, path: Path, offset: int, count: int) -> None:
+    def _send_file(self, path: Path, offset: int, count: int, rate: int | None = None) -> None:
         self.wfile.flush()
         with path.open("rb") as f:
+            if rate is not None:
+                self._send_paced(f.fileno(), offset, count, rate)
+                return
             if isinstance(self.connection, ssl.SSLSocket):
                 f.seek(offset)
                 while count > 0:
@@ -167,6 +171,19 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 offset += sent
                 count -= sent
+
+    def _send_paced(self, fd: int, offset: int, count: int, rate: int) -> None:
+        """sendfile in 256 KiB slices, sleeping so that the response never runs ahead of rate bytes/s."""
+        start = time.monotonic()
+        sent_total = 0
+        while sent_total < count:
+            ahead = sent_total / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+            sent = os.sendfile(self.connection.fileno(), fd, offset + sent_total, min(count - sent_total, 256 * 1024))
+            if sent == 0:
+                break
+            sent_total += sent
 
     def _status(self, code: int) -> None:
         self.send_response(code)

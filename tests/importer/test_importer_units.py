@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import struct
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +19,7 @@ from importer.pipeline import Checksum
 from importer.processor import Route, choose_route
 from importer.progress import ImportMetrics, Progress, termination_message
 from importer.sources.http import parse_header
-from importer.target import usable_size
+from importer.target import WRITEBACK_INTERVAL, WritebackPacer, usable_size
 from importer.units import GiB, MiB, parse_quantity
 
 
@@ -166,3 +170,25 @@ def test_progress_bar_and_metric() -> None:
     progress.done()
     assert metrics.registry.get_sample_value("kubevirt_cdi_import_progress_total", {"ownerUID": "uid-1"}) == 100
     assert "100.0%" in tty.getvalue()
+
+
+def test_writeback_pacer_waits_for_the_file_and_closes_it(tmp_path: Path) -> None:
+    # qemu-img creates its own target: the pacer must tolerate a missing file, then open, pace and close it.
+    target = tmp_path / "later.img"
+    with WritebackPacer(target) as pacer:
+        time.sleep(3 * WRITEBACK_INTERVAL)
+        target.write_bytes(b"x" * 1024 * 1024)
+        time.sleep(3 * WRITEBACK_INTERVAL)
+        assert _open_fds_to(target), "the pacer should hold the file open while pacing"
+    assert not pacer._thread.is_alive()
+    assert not _open_fds_to(target)
+
+
+def _open_fds_to(path: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                found.append(fd.name)
+    return found
