@@ -7,8 +7,6 @@ import dataclasses
 import signal
 import sys
 import threading
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 
 from hpp_csi import ctl, logs
@@ -22,6 +20,9 @@ DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 
 
 def own_version() -> str:
+    from importlib.metadata import PackageNotFoundError  # only when asked: it costs 40 ms at every start
+    from importlib.metadata import version as package_version
+
     try:
         return package_version("hpp-csi")
     except PackageNotFoundError:
@@ -41,7 +42,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     serve.add_argument("--drivername", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
     serve.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
     serve.add_argument("--nodeid", required=True, help="this node's name (the topology value)")
-    serve.add_argument("--version", default=own_version(), help="version reported by GetPluginInfo")
+    serve.add_argument("--version", default=None, help="version reported by GetPluginInfo (default: the package's)")
     pools = serve.add_mutually_exclusive_group(required=True)
     pools.add_argument("--datadir", help='JSON array of pools: [{"name": "legacy", "path": "/var/hpvolumes"}]')
     pools.add_argument("--config", type=Path, help="a HostPathProvisioner CR (YAML or JSON) with spec.storagePools")
@@ -60,7 +61,7 @@ def run_serve(opts: argparse.Namespace) -> int:
         pools = load_pools(opts)
         driver = Driver(DriverOptions(
             node_id=opts.nodeid, endpoint=opts.endpoint, pools=pools, driver_name=opts.drivername,
-            version=opts.version, metrics_address=opts.metrics_address, workers=opts.workers,
+            version=opts.version or own_version(), metrics_address=opts.metrics_address, workers=opts.workers,
         ))
         driver.start()
     except (ConfigError, PoolError, EndpointError, OSError) as exc:

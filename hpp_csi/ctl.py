@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from hpp_csi.quantity import parse_bytes
+from hpp_csi.quantity import human, parse_bytes
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 
@@ -42,15 +42,6 @@ def mount_capability(
         mount=csi.VolumeCapability.MountVolume(mount_flags=flags or []),
         access_mode=AccessMode(mode=mode),
     )
-
-
-def human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return str(n)
 
 
 def as_dict(message: Message) -> dict[str, Any]:

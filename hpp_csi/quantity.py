@@ -1,4 +1,8 @@
-"""Kubernetes resource quantities ("5Gi", "500M", "1e3") as whole bytes."""
+"""Kubernetes resource quantities ("5Gi", "500M", "1e3") as whole bytes, and sizes for people to read.
+
+One implementation for the driver (pool sizes, pvcTemplate storage, `ctl create --size`) and the importer
+(IMPORTER_IMAGE_SIZE).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,51 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-_SUFFIXES: dict[str, int] = {
-    "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}
-_QUANTITY = re.compile(r"^\s*([+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+            "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
+            "P": Decimal(10**15), "E": Decimal(10**18)}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]?)$")
+
+
+class QuantityError(ValueError):
+    """Not a quantity; the message quotes the text and shows the expected form."""
 
 
 def parse_bytes(text: str | int) -> int:
-    """Bytes in `text`, rounded up as Kubernetes does; ValueError naming the bad text otherwise."""
+    """Bytes in a quantity ("10Gi", "1.5G", "64M", "1e9"), rounded up like Kubernetes' Quantity.Value()."""
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"quantity {text} is negative")
+            raise QuantityError(f"invalid quantity {text}: must not be negative")
         return text
-    match = _QUANTITY.match(str(text))
-    if not match or match.group(2) not in _SUFFIXES:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (examples: 10Gi, 500M, 1048576)")
+    match = _QUANTITY.match(str(text).strip())
+    if not match:
+        raise QuantityError(
+            f"invalid quantity {text!r}: expected a number with an optional suffix such as Mi or Gi"
+        )
+    number, suffix = match.groups()
     try:
-        value = Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
-    except InvalidOperation as exc:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity") from exc
+        value = Decimal(number)
+        if suffix in _BINARY:
+            value *= _BINARY[suffix]
+        elif suffix[:1] in "eE" and suffix:
+            value *= Decimal(10) ** int(suffix[1:])
+        else:
+            value *= _DECIMAL[suffix]
+    except (InvalidOperation, KeyError) as err:
+        raise QuantityError(f"invalid quantity {text!r}") from err
+    if value < 0:
+        raise QuantityError(f"invalid quantity {text!r}: must not be negative")
     return math.ceil(value)
+
+
+def human(size: int) -> str:
+    """A short human form for progress lines, summaries and tables (messages keep exact byte counts)."""
+    for unit, factor in (("TiB", 1024 * GiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} B"

@@ -2,52 +2,20 @@
 
 from __future__ import annotations
 
-import math
-import re
-from decimal import Decimal, InvalidOperation
-
+from hpp_csi.quantity import GiB, KiB, MiB, QuantityError, human, parse_bytes
 from importer.errors import ConfigError
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
-            "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
-            "P": Decimal(10**15), "E": Decimal(10**18)}
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]?)$")
+__all__ = ["GiB", "KiB", "MiB", "human", "parse_quantity", "round_down"]
 
 
 def parse_quantity(text: str) -> int:
-    """Bytes in a Kubernetes quantity ("10Gi", "1.5G", "64M", "1e9"), rounded up like Quantity.Value()."""
-    match = _QUANTITY.match(text.strip())
-    if not match:
-        raise ConfigError(f"invalid quantity {text!r}: expected a number with an optional suffix such as Mi or Gi")
-    number, suffix = match.groups()
+    """Bytes in a Kubernetes quantity, as an importer configuration error when it is not one."""
     try:
-        value = Decimal(number)
-        if suffix in _BINARY:
-            value *= _BINARY[suffix]
-        elif suffix[:1] in "eE" and suffix:
-            value *= Decimal(10) ** int(suffix[1:])
-        else:
-            value *= _DECIMAL[suffix]
-    except (InvalidOperation, KeyError) as err:
-        raise ConfigError(f"invalid quantity {text!r}") from err
-    if value < 0:
-        raise ConfigError(f"invalid quantity {text!r}: must not be negative")
-    return math.ceil(value)
+        return parse_bytes(text)
+    except QuantityError as err:
+        raise ConfigError(str(err)) from err
 
 
 def round_down(value: int, alignment: int) -> int:
     """The largest multiple of alignment not above value."""
     return value - value % alignment
-
-
-def human(size: int) -> str:
-    """A short human form for progress lines and summaries (messages keep exact byte counts)."""
-    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= factor:
-            return f"{size / factor:.1f} {unit}"
-    return f"{size} B"
