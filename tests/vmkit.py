@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,11 +42,19 @@ for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "vmkit: insmod
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host; then
     echo "@@VMKIT-EXIT=254@@ (9p mount of host / failed)"; poweroff -f
 fi
+mkdir -p /keep
+mount -o bind /host /keep
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mount -t tmpfs -o size=90% tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
+# Host folders under /tmp or /run that the script needs (a checkout, its venv) show through the guest's tmpfs.
+if [ -f /keep.list ]; then
+    while read -r p; do
+        [ -n "$p" ] && mkdir -p "/host$p" && mount -o bind "/keep$p" "/host$p"
+    done < /keep.list
+fi
 cp /script.sh /host/tmp/vmkit-script.sh
 echo "@@VMKIT-BEGIN@@"
 chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TMPDIR=/tmp \
@@ -153,6 +162,13 @@ def parse_console(console: str) -> tuple[int, str]:
     return int(rest.split("@@", 1)[0]), output
 
 
+def kept_paths() -> str:
+    """The checkout and the Python environment, when they live where the guest mounts its own tmpfs (CI may
+    clone under /tmp): one path a line, for the guest to bind over its tmpfs."""
+    wanted = {str(Path(__file__).resolve().parents[1]), os.path.realpath(sys.prefix)}
+    return "".join(f"{p}\n" for p in sorted(wanted) if p.startswith(("/tmp/", "/run/")))
+
+
 def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, share: str = "/") -> VMResult:
     """Boot the guest, run `script` with /bin/sh chrooted into the host's `share` (read-only), power off."""
     kernel = Path(f"/boot/vmlinuz-{KERNEL_RELEASE}")
@@ -164,7 +180,8 @@ def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, shar
     with tempfile.TemporaryDirectory(prefix="vmkit-") as tmp:
         initrd = Path(tmp) / "initrd.cpio"
         # The kernel unpacks concatenated archives in order: the per-run script rides on the cached base.
-        initrd.write_bytes(base.read_bytes() + cpio_archive({"script.sh": (0o100755, script.encode())}))
+        extra = {"script.sh": (0o100755, script.encode()), "keep.list": (0o100644, kept_paths().encode())}
+        initrd.write_bytes(base.read_bytes() + cpio_archive(extra))
         console = Path(tmp) / "console.log"
         command = [
             QEMU, "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-no-reboot",
