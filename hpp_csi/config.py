@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpp_csi.quantity import parse_bytes
 
 LEGACY_POOL = "legacy"
@@ -138,6 +136,8 @@ def parse_datadir(text: str) -> list[PoolConfig]:
 
 def parse_cr(text: str, source: str = "config") -> list[PoolConfig]:
     """A HostPathProvisioner CR (YAML or JSON): spec.storagePools, or the legacy spec.pathConfig."""
+    import yaml  # only for --config: a --datadir start does not pay for it
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
