@@ -48,6 +48,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     pools.add_argument("--config", type=Path, help="a HostPathProvisioner CR (YAML or JSON) with spec.storagePools")
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (off when not given)")
     serve.add_argument("--workers", type=int, default=16, help="threads serving calls")
+    serve.add_argument("--advertise-get-snapshot", action="store_true",
+                       help="advertise GET_SNAPSHOT (CSI 1.12 alpha; csi-sanity before v5.5.0 rejects it)")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at SIGTERM")
     serve.set_defaults(func=run_serve)
 
@@ -62,6 +64,7 @@ def run_serve(opts: argparse.Namespace) -> int:
         driver = Driver(DriverOptions(
             node_id=opts.nodeid, endpoint=opts.endpoint, pools=pools, driver_name=opts.drivername,
             version=opts.version or own_version(), metrics_address=opts.metrics_address, workers=opts.workers,
+            advertise_get_snapshot=opts.advertise_get_snapshot,
         ))
         driver.start()
     except (ConfigError, PoolError, EndpointError, OSError) as exc:

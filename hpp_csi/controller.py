@@ -30,7 +30,6 @@ CAPABILITIES = (
     RPC.SINGLE_NODE_MULTI_WRITER,
     RPC.CREATE_DELETE_SNAPSHOT,
     RPC.LIST_SNAPSHOTS,
-    RPC.GET_SNAPSHOT,
     RPC.CLONE_VOLUME,
     RPC.EXPAND_VOLUME,
 )
@@ -69,10 +68,14 @@ def snapshot_message(record: SnapshotRecord) -> csi.Snapshot:
 
 
 class ControllerService(csi_grpc.ControllerServicer):
-    def __init__(self, manager: VolumeManager, snapshots: SnapshotManager, node_id: str) -> None:
+    def __init__(self, manager: VolumeManager, snapshots: SnapshotManager, node_id: str,
+                 advertise_get_snapshot: bool = False) -> None:
         self.manager = manager
         self.snapshots = snapshots
         self.node_id = node_id
+        # GetSnapshot always works; advertising it is opt-in because csi-sanity v5.4.0 fails its capability
+        # test on any capability it does not know, and GET_SNAPSHOT (CSI 1.12, alpha) came in v5.5.0.
+        self.capabilities = (*CAPABILITIES, RPC.GET_SNAPSHOT) if advertise_get_snapshot else CAPABILITIES
 
     def to_message(self, volume: Volume) -> csi.Volume:
         record = volume.record
@@ -258,7 +261,7 @@ class ControllerService(csi_grpc.ControllerServicer):
         self, request: csi.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi.ControllerGetCapabilitiesResponse:
         return csi.ControllerGetCapabilitiesResponse(
-            capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=kind)) for kind in CAPABILITIES]
+            capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=kind)) for kind in self.capabilities]
         )
 
     # --- snapshots ----------------------------------------------------------------------------------------

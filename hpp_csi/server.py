@@ -49,6 +49,7 @@ class DriverOptions:
     version: str = "dev"
     metrics_address: str | None = None
     workers: int = 16
+    advertise_get_snapshot: bool = False
 
 
 def socket_path(endpoint: str) -> Path:
@@ -123,7 +124,8 @@ class Driver:
         )
         o = self.options
         csi_grpc.add_IdentityServicer_to_server(IdentityService(o.driver_name, o.version, self.manager), server)
-        csi_grpc.add_ControllerServicer_to_server(ControllerService(self.manager, self.snapshots, o.node_id), server)
+        controller = ControllerService(self.manager, self.snapshots, o.node_id, o.advertise_get_snapshot)
+        csi_grpc.add_ControllerServicer_to_server(controller, server)
         csi_grpc.add_NodeServicer_to_server(NodeService(self.manager, o.node_id), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [csi_pb2.DESCRIPTOR.services_by_name[s].full_name for s in CSI_SERVICES]
