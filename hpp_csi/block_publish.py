@@ -79,15 +79,6 @@ def release(device: str) -> None:
         log.info("detached %s", device)
 
 
-def unpublish(target: str) -> None:
-    """Unmount the device node at `target`, remove the file, detach the loop device if now unused."""
-    device = device_of_target(target) if mounts.is_mount_point(target) else None
-    while mounts.is_mount_point(target):
-        mounts.umount(target)
-    if device:
-        release(device)
-
-
 def detach_unused(image: Path) -> None:
     """Detach every loop device on `image` that no target uses (before deleting the image, or after a crash)."""
     if image.is_file():

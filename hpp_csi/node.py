@@ -192,14 +192,15 @@ class NodeService(csi_grpc.NodeServicer):
         volume_id = names.volume_id(request.volume_id)
         target = names.target_path(request.target_path)
         with self.manager.locks.hold(volume_id):
-            if block_publish.device_of_target(target):
-                block_publish.unpublish(target)
+            device = block_publish.device_of_target(target) if is_mount_point(target) else None
             while is_mount_point(target):
                 umount(target)
             self._remove_target(target)
             volume = self.manager.find(volume_id)
             if volume is not None and volume.record.mode == "block":
                 block_publish.detach_unused(volume.path)  # also one a crash left between attach and mount
+            elif device:
+                block_publish.release(device)  # the volume is gone: still free its device
             if volume is not None and volume.record.ephemeral and not Publications().targets(volume.path):
                 self.manager.delete(volume_id)
                 log.info("deleted ephemeral volume %s", volume_id)
