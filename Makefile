@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_STAMP := $(VENV)/.system-deps
 PY_STAMP := $(VENV)/.python-deps
+BENCH_STAMP := $(VENV)/.bench-system-deps
+CDI_DOWNLOAD := bench-run/bin/cdi-download
+# Offline GOPATH build against Debian's Go packages (no module proxy).
+GO_BUILD := GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/bench-run/gocache go build
 
 .PHONY: all install demo test lint bench protos clean
 
@@ -22,6 +26,16 @@ $(PY_STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	@touch $@
 
+$(BENCH_STAMP): scripts/install-system-deps.sh
+	@mkdir -p $(VENV)
+	scripts/install-system-deps.sh --bench
+	@touch $@
+
+# The benchmark's stand-in for CDI's download step (bench/import.py).
+$(CDI_DOWNLOAD): bench/cdi_download/main.go | $(BENCH_STAMP)
+	@mkdir -p $(@D)
+	$(GO_BUILD) -o $@ $<
+
 install: $(SYSTEM_STAMP) $(PY_STAMP)
 
 protos: $(PY_STAMP)
@@ -37,7 +51,7 @@ lint: install
 	$(BIN)/ruff check hpp_csi importer tests bench scripts
 	$(BIN)/mypy hpp_csi importer
 
-bench: install
+bench: install $(CDI_DOWNLOAD)
 	$(BIN)/python bench/csi_ops.py
 	$(BIN)/python bench/clone.py
 	$(BIN)/python bench/import.py

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from importer.errors import ConfigError, ImporterError, ScratchSpaceRequired
+from importer.fetch import DEFAULT_CONNECTIONS
 from importer.pipeline import Checksum
 from importer.processor import ImportProcessor, ImportRequest, ImportResult
 from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, termination_message, write_termination_message
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--stall-timeout", type=float, default=60.0, help="seconds without data before reconnecting")
     imp.add_argument("--retries", type=int, default=5, help="reconnections without progress before failing")
     imp.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled each time")
+    imp.add_argument("--qcow2-reader", choices=("native", "qemu-img"), default="native",
+                     help="who reads a qcow2 served with Range support: our parallel reader, or qemu-img via nbdkit")
+    imp.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
+                     help=f"parallel Range requests of the native qcow2 reader [{DEFAULT_CONNECTIONS}]")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     imp.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -153,6 +158,8 @@ def build_request(args: argparse.Namespace, env: Mapping[str, str], progress: Pr
         scratch_dir=scratch,
         checksum=Checksum(checksum_text) if checksum_text else None,
         progress=progress,
+        qcow2_reader=args.qcow2_reader,
+        connections=args.connections,
     )
 
 
@@ -160,6 +167,7 @@ def summary(result: ImportResult, description: str) -> str:
     via = "+".join([*result.compressions, result.fmt])
     extra = f", preallocation {result.preallocation.value}" if result.preallocation_applied else ""
     extra += ", via scratch" if result.scratch_used else ""
+    extra += f", {result.reader} reader" if result.reader else ""
     return (f"imported {description} ({via}, route {result.route.value}) into {result.dest}: "
             f"{human(result.virtual_size)} image, {human(result.usable_size)} disk{extra}")
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from importer import formats, qemu_img
+from importer import formats, qcow2, qemu_img
 from importer.errors import ConfigError, ImageTooLarge, InvalidImage, ScratchSpaceRequired, ToolError
+from importer.fetch import DEFAULT_CONNECTIONS
 from importer.pipeline import (
     CHUNK,
     Checksum,
@@ -29,6 +30,7 @@ from importer.pipeline import (
     read_full,
 )
 from importer.progress import Progress
+from importer.qcow2_import import Qcow2Import
 from importer.sources import BlankSource, FileSource, Source, SourceInfo
 from importer.target import (
     FileTarget,
@@ -100,6 +102,8 @@ class ImportRequest:
     checksum: Checksum | None = None
     progress: Progress = field(default_factory=Progress)
     info_timeout: float = INFO_TIMEOUT
+    qcow2_reader: str = "native"  # or "qemu-img": who converts a qcow2 read in place
+    connections: int = DEFAULT_CONNECTIONS
 
 
 @dataclass
@@ -113,6 +117,7 @@ class ImportResult:
     scratch_used: bool
     dest: Path
     source_bytes: int
+    reader: str = ""  # who converted a qcow2 read in place: "native" or "qemu-img"
 
     @property
     def preallocation_applied(self) -> bool:
@@ -138,6 +143,8 @@ class ImportProcessor:
         self.work: Path | None = None
         self.scratch_file: Path | None = None
         self.applied = Preallocation.NONE
+        self.reader = ""
+        self.qcow2_header: qcow2.Header | None = None
         self._source_percent = self.req.progress.range(0, 100)
 
     def run(self) -> ImportResult:
@@ -174,6 +181,7 @@ class ImportProcessor:
             scratch_used=self.route is Route.SCRATCH,
             dest=getattr(self.req.target, "final", self.req.target.path),
             source_bytes=self.counter.count if self.counter else 0,
+            reader=self.reader,
         )
 
     # -- phases ---------------------------------------------------------------------------------------
@@ -191,6 +199,7 @@ class ImportProcessor:
             self.route = choose_route(outer, False, info.random_access, hash_first)
             if self.route is Route.DIRECT:
                 self.qemu_input = req.source.qemu_input(self._stack, self._workdir)
+                self._choose_reader(info.header, info.size)
                 return Phase.VALIDATE
         # Everything else is read as a stream; peeling the compression layers reads only a few KiB.
         self.counter = CountingReader(req.source.open(), req.checksum, self._on_source_bytes)
@@ -223,7 +232,7 @@ class ImportProcessor:
         header = self.layers.header if self.layers else (self.info.header if self.info else b"")
         formats.check_header(self.fmt, header)
         if self.route is Route.DIRECT:
-            self._check_image(self.qemu_input)
+            self._check_image(self.qemu_input, consistency=self.reader != "native")
         elif self.route is Route.STREAM and self.info and self.info.size is not None and not self.layers_compressed:
             self.virtual_size = self.info.size
             if self.virtual_size > self.usable:
@@ -240,6 +249,9 @@ class ImportProcessor:
         if self.route is Route.ARCHIVE:
             self._extract_archive()
             return Phase.COMPLETE
+        if self.reader == "native":
+            self._read_qcow2()
+            return Phase.RESIZE
         if self.req.checksum is not None:  # DIRECT from a local file: hash it in place before converting
             with contextlib.closing(CountingReader(self.req.source.open(), self.req.checksum, lambda n: None)) as r:
                 while r.read(CHUNK):
@@ -285,8 +297,47 @@ class ImportProcessor:
         if size:
             self._source_percent.set(100.0 * count / size)
 
-    def _check_image(self, source: str) -> None:
-        """qemu-img info under limits, then the whitelist, the security checks and the size check."""
+    def _choose_reader(self, header: bytes, size: int | None) -> None:
+        """Our qcow2 reader where it knows the image, else qemu-img (which also words the errors better)."""
+        if self.fmt != "qcow2":
+            return
+        self.reader = "qemu-img"
+        if self.req.qcow2_reader != "native" or size is None:
+            return
+        parsed = qcow2.parse_header(header)
+        reason = qcow2.unsupported(parsed)
+        if reason is not None:
+            log.info("qcow2 with %s: converting with qemu-img", reason)
+            return
+        self.reader, self.qcow2_header = "native", parsed
+
+    def _read_qcow2(self) -> None:
+        """The direct route for a qcow2 we can read: tables checked, then clusters fetched in parallel."""
+        req = self.req
+        assert self.qcow2_header is not None and self.info is not None and self.info.size is not None
+        self.work = req.target.begin()
+        flags = os.O_WRONLY if req.target.is_block else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        fd = os.open(self.work, flags, 0o660)
+        try:
+            if req.preallocation and not req.target.is_block:
+                self.applied = preallocate_file(fd, 0, self.usable)
+            elif req.preallocation:
+                self.applied = Preallocation.FULL
+            writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+            with WritebackPacer(self.work):
+                Qcow2Import(req.source, self.qcow2_header, self.info.size, writer, req.connections,
+                            req.progress.range(0, 100).set).run()
+            if not req.target.is_block and not req.preallocation:
+                os.ftruncate(fd, self.virtual_size)
+        finally:
+            os.close(fd)
+
+    def _check_image(self, source: str, consistency: bool = True) -> None:
+        """qemu-img info under limits, then the whitelist, the security checks and the size check.
+
+        consistency=False skips `qemu-img check`: our qcow2 reader checks every table entry against the file
+        size itself, which is what check is here for.
+        """
         cmd = qemu_img.info_command(source, self.fmt)
         try:
             done = subprocess.run(cmd, capture_output=True, timeout=self.req.info_timeout, preexec_fn=_info_limits,
@@ -307,6 +358,8 @@ class ImportProcessor:
         self.virtual_size = info.virtual_size
         if info.virtual_size > self.usable:
             raise ImageTooLarge(info.virtual_size, self.usable)
+        if not consistency:
+            return
         # qemu-img reads past the end of a local file as zeros: a truncated image would convert "successfully".
         try:
             done = subprocess.run(qemu_img.check_command(source, self.fmt), capture_output=True, check=False,

@@ -116,46 +116,55 @@ class ZeroPolicy(Enum):
 
 
 class SparseWriter:
-    """Writes a stream at increasing offsets, turning all-zero 4 KiB blocks into holes (or zeros, by policy)."""
+    """Writes image bytes, turning all-zero 4 KiB blocks into holes (or zeros, by policy).
+
+    write() appends a stream at increasing offsets; write_at() places bytes anywhere below the limit, and is safe
+    from several threads at once (pwrite, no shared position) for readers that fetch an image out of order.
+    """
 
     def __init__(self, fd: int, policy: ZeroPolicy, limit: int) -> None:
         self._fd, self._policy, self._limit = fd, policy, limit
         self.offset = 0
-        self.data_bytes = 0
         self._synced = 0
 
+    @property
+    def zeroes_holes(self) -> bool:
+        """Whether ranges the image leaves empty must be zeroed (a device) rather than left alone (a new file)."""
+        return self._policy is not ZeroPolicy.SKIP
+
     def write(self, data: bytes) -> None:
-        end = self.offset + len(data)
-        if end > self._limit:
-            raise ImageTooLarge(end, self._limit, at_least=True)
-        if data == _ZEROS[: len(data)]:
-            self.zero(self.offset, len(data))
-        elif _ZERO_BLOCK not in data:  # no 4 KiB run of zeros anywhere: one write, no per-block scan
-            os.pwrite(self._fd, data, self.offset)
-            self.data_bytes += len(data)
-        else:
-            self._write_mixed(data)
-        self.offset = end
+        self.write_at(self.offset, data)
+        self.offset = end = self.offset + len(data)
         if end - self._synced >= WRITEBACK_EVERY:
             start_writeback(self._fd, self._synced, end - self._synced)
             self._synced = end
 
-    def _write_mixed(self, data: bytes) -> None:
+    def write_at(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if end > self._limit:
+            raise ImageTooLarge(end, self._limit, at_least=True)
+        if data == _ZEROS[: len(data)]:
+            self.zero(offset, len(data))
+        elif _ZERO_BLOCK not in data:  # no 4 KiB run of zeros anywhere: one write, no per-block scan
+            os.pwrite(self._fd, data, offset)
+        else:
+            self._write_mixed(offset, data)
+
+    def _write_mixed(self, offset: int, data: bytes) -> None:
         run_start, run_zero = 0, data[:ZERO_BLOCK] == _ZEROS[: min(ZERO_BLOCK, len(data))]
         for pos in range(ZERO_BLOCK, len(data), ZERO_BLOCK):
             block = data[pos : pos + ZERO_BLOCK]
             zero = block == _ZEROS[: len(block)]
             if zero != run_zero:
-                self._emit(data, run_start, pos, run_zero)
+                self._emit(offset, data, run_start, pos, run_zero)
                 run_start, run_zero = pos, zero
-        self._emit(data, run_start, len(data), run_zero)
+        self._emit(offset, data, run_start, len(data), run_zero)
 
-    def _emit(self, data: bytes, start: int, end: int, zero: bool) -> None:
+    def _emit(self, offset: int, data: bytes, start: int, end: int, zero: bool) -> None:
         if zero:
-            self.zero(self.offset + start, end - start)
+            self.zero(offset + start, end - start)
         else:
-            os.pwrite(self._fd, memoryview(data)[start:end], self.offset + start)
-            self.data_bytes += end - start
+            os.pwrite(self._fd, memoryview(data)[start:end], offset + start)
 
     def zero(self, offset: int, length: int) -> None:
         if self._policy is ZeroPolicy.SKIP:

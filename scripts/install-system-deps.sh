@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages hpp-csi needs, only those missing; safe to run twice.
 # Without root it only reports what is missing, so a developer knows what to ask for.
+# `install-system-deps.sh --bench` installs the benchmark-only packages instead (make bench).
 set -euo pipefail
 
 PACKAGES=(
@@ -11,6 +12,12 @@ PACKAGES=(
   docker-registry skopeo umoci                       # container-registry imports
   qemu-system-x86 linux-image-amd64 busybox-static   # the quota-test VM (stock kernel has XFS quota)
 )
+BENCH_PACKAGES=(
+  golang-go golang-github-ulikunitz-xz-dev           # bench/cdi_download, the Go stand-in for CDI's download
+)
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES=("${BENCH_PACKAGES[@]}")
+fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

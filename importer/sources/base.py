@@ -32,6 +32,10 @@ class Source(abc.ABC):
     def open(self) -> Reader:
         """A sequential stream of the bytes as served, resuming by itself after transient failures."""
 
+    def open_range(self, start: int, end: int) -> Reader:
+        """Bytes [start, end) as a stream; only for sources whose probe said random_access."""
+        raise NotImplementedError(f"{self.description} cannot be read at an offset")
+
     def qemu_input(self, stack: contextlib.ExitStack, workdir: Path) -> str:
         """A filename or URI qemu-img can read at random offsets, kept alive until stack closes."""
         raise NotImplementedError(f"{self.description} cannot be read in place")

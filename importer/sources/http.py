@@ -60,6 +60,7 @@ class HttpSource(Source):
         self.description = url
         self._origin = (parts.scheme, parts.hostname, parts.port)
         self._ssl = self._ssl_context()  # also for a redirect from http:// to https://
+        self.size: int | None = None  # as probed; ranged reads check every answer against it
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
@@ -151,10 +152,15 @@ class HttpSource(Source):
             accepts = resp.getheader("Accept-Ranges", "").strip().lower() == "bytes"
             random_access = resp.status == 206 and accepts
             header = read_full(resp, HEADER_SIZE)
+        self.size = total
         return SourceInfo(size=total, random_access=random_access, header=header)
 
     def open(self) -> HttpStream:
         return HttpStream(self)
+
+    def open_range(self, start: int, end: int) -> HttpStream:
+        """Bytes [start, end) in one Range request, resumed from where it broke off like open()."""
+        return HttpStream(self, start, end)
 
     # -- random access through nbdkit -----------------------------------------------------------------
 
@@ -231,12 +237,13 @@ def _total_size(resp: http.client.HTTPResponse) -> int | None:
 class HttpStream:
     """The body as a stream that survives dropped connections: it reconnects with Range where it left off."""
 
-    def __init__(self, source: HttpSource) -> None:
+    def __init__(self, source: HttpSource, start: int = 0, end: int | None = None) -> None:
         self._source = source
         self._opts = source.options
         self._resp: http.client.HTTPResponse | None = None
-        self._pos = 0
-        self._size: int | None = None
+        self._pos = start
+        self._end = end  # exclusive; None: to the end of the resource
+        self._size: int | None = None if end is None else source.size
         self._failures = 0
         self._last_error = ""
 
@@ -251,8 +258,9 @@ class HttpStream:
                     self._pos += len(data)
                     self._failures = 0
                     return data
-                if self._size is not None and self._pos < self._size:
-                    raise http.client.IncompleteRead(b"", self._size - self._pos)
+                until = self._size if self._end is None else self._end
+                if until is not None and self._pos < until:
+                    raise http.client.IncompleteRead(b"", until - self._pos)
                 return b""
             except (OSError, http.client.HTTPException) as err:
                 self._drop()
@@ -269,7 +277,9 @@ class HttpStream:
                 time.sleep(delay)
 
     def _connect(self) -> None:
-        resp = self._source.get(self._pos if self._pos else None)
+        ranged = self._end is not None
+        last = None if self._end is None else self._end - 1
+        resp = self._source.get(self._pos if self._pos or ranged else None, last)
         if resp.status == 416:
             resp.close()
             raise TransferError(
@@ -285,9 +295,13 @@ class HttpStream:
         self._resp = resp
         if resp.status == 206:
             match = _CONTENT_RANGE.match(resp.getheader("Content-Range", ""))
-            if not match or int(match.group(1)) != self._pos:
+            if not match or int(match.group(1)) != self._pos or (last is not None and int(match.group(2)) != last):
                 self._drop()
-                raise TransferError(f"{self._source.url} answered a resume at {self._pos} with the wrong range")
+                raise TransferError(f"{self._source.url} answered a request for bytes {self._pos}-"
+                                    f"{'' if last is None else last} with the wrong range")
+        elif ranged:
+            self._drop()
+            raise TransferError(f"{self._source.url} ignored a Range request (HTTP 200) it said it supports")
         elif self._pos:
             # No Range support: start over and throw away what we already have (bounded by the retries).
             skip = self._pos

@@ -1,0 +1,97 @@
+"""A qcow2 image converted to raw by us: tables first, then the data clusters in parallel Range requests.
+
+Two passes over the L2 tables: the first reads and checks them all (every offset inside the file, every entry
+well-formed) before a byte lands in the target, and sums the bytes to fetch for the progress; the second writes.
+Tables are kept between the passes up to TABLE_BUDGET, beyond that they are read again (about 1 MiB per 8 GiB of
+disk with 64 KiB clusters), so memory stays bounded whatever the image size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+
+from importer import qcow2
+from importer.errors import InvalidImage
+from importer.fetch import DEFAULT_CONNECTIONS, Fetcher, RangeSource, plan, read_range
+from importer.qcow2 import Header, Segment
+from importer.target import SparseWriter
+
+TABLE_BUDGET = 8 * 1024 * 1024
+
+
+def inflate(data: bytes, seg: Segment, cluster_size: int) -> bytes:
+    """One compressed cluster: raw deflate (qemu writes window bits 12; a 15-bit decoder reads any window)."""
+    try:
+        out = zlib.decompressobj(wbits=-15).decompress(data, cluster_size)
+    except zlib.error as err:
+        raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host}: {err}") from err
+    if len(out) < cluster_size:
+        raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host} decompresses to "
+                           f"{len(out)} bytes, not {cluster_size}")
+    return out
+
+
+class Qcow2Import:
+    """Reads one qcow2 through a RangeSource into a SparseWriter positioned at disk offset 0."""
+
+    def __init__(self, source: RangeSource, header: Header, file_size: int, writer: SparseWriter,
+                 connections: int = DEFAULT_CONNECTIONS, on_percent: Callable[[float], None] = lambda p: None) -> None:
+        self._source, self._header, self._file_size, self._writer = source, header, file_size, writer
+        self._on_percent = on_percent
+        self._total = 0
+        self._fetcher = Fetcher(source, writer, lambda data, seg: inflate(data, seg, header.cluster_size),
+                                connections, self._progress)
+
+    def run(self) -> None:
+        try:
+            l1_offset, l1_bytes = self._header.l1_offset, self._header.l1_needed * 8
+            if l1_offset + l1_bytes > self._file_size:
+                raise InvalidImage(f"qcow2 image is truncated: its L1 table ({l1_bytes} bytes at offset {l1_offset}) "
+                                   f"lies beyond the end of the file ({self._file_size} bytes)")
+            l1 = read_range(self._source, l1_offset, l1_bytes, "the qcow2 L1 table")
+            tables = qcow2.l2_tables(self._header, l1, self._file_size)
+            allocated = [index for index, offset in enumerate(tables) if offset]
+            batches = self._batches(allocated)
+            kept: dict[int, list[Segment]] = {}
+            keep = len(allocated) * self._header.cluster_size <= TABLE_BUDGET
+            for batch in batches:  # pass 1: check everything, count what to fetch
+                for index, segments in self._map(tables, batch):
+                    self._total += sum(part.end - part.start for part in plan(segments))
+                    if keep:
+                        kept[index] = segments
+            for batch in batches:  # pass 2: write
+                mapped = [(i, kept[i]) for i in batch] if keep else list(self._map(tables, batch))
+                self._fetcher.run(plan([seg for _, segments in mapped for seg in segments]))
+            self._zero_holes(tables, kept if keep else None)
+        finally:
+            self._fetcher.close()
+
+    def _batches(self, indexes: list[int]) -> list[list[int]]:
+        size = max(1, TABLE_BUDGET // self._header.cluster_size)
+        return [indexes[i : i + size] for i in range(0, len(indexes), size)]
+
+    def _map(self, tables: list[int], batch: list[int]) -> Iterator[tuple[int, list[Segment]]]:
+        size = self._header.cluster_size
+        raw = self._fetcher.map(lambda i: read_range(self._source, tables[i], size, f"qcow2 L2 table {i}"), batch)
+        for index, table in zip(batch, raw, strict=True):
+            yield index, qcow2.map_table(self._header, index, table, self._file_size)
+
+    def _zero_holes(self, tables: list[int], kept: dict[int, list[Segment]] | None) -> None:
+        """Disk ranges no segment wrote: nothing to do on a new file, discarded/zeroed on a block device."""
+        if not self._writer.zeroes_holes:
+            return
+        span = self._header.l2_span
+        for index, offset in enumerate(tables):
+            start, end = index * span, min((index + 1) * span, self._header.virtual_size)
+            segments = [] if not offset else kept[index] if kept is not None else next(self._map(tables, [index]))[1]
+            for seg in sorted(segments, key=lambda s: s.guest):
+                if seg.guest > start:
+                    self._writer.zero(start, seg.guest - start)
+                start = max(start, seg.guest + seg.size)
+            if end > start:
+                self._writer.zero(start, end - start)
+
+    def _progress(self, fetched: int) -> None:
+        if self._total:
+            self._on_percent(min(100.0, 100.0 * fetched / self._total))
