@@ -10,14 +10,17 @@ import signal
 import subprocess
 import tempfile
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
+
+from zlib_ng import zlib_ng
 
 from importer.errors import ChecksumMismatch, ConfigError, ImageTooLarge, InvalidImage, ToolError
 from importer.formats import GZIP, HEADER_SIZE, XZ, ZSTD, decompressor_command, is_compression, sniff
 
+# zlib-ng's stub declares `error` as an instance; it is the exception class.
+ZlibError = cast("type[Exception]", zlib_ng.error)
 CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size
 F_SETPIPE_SZ = 1031
@@ -170,15 +173,16 @@ class FilterProcess:
 
 
 class GzipReader:
-    """gzip decoded in-process by zlib: as fast as pigz here (see the benchmark) and no pipe copy.
+    """gzip decoded in-process by zlib-ng: 3x faster than zlib and pigz here (see the benchmark), no pipe copy.
 
-    Handles concatenated members (pigz and `cat a.gz b.gz` produce them); zlib releases the GIL while inflating.
+    Handles concatenated members (pigz and `cat a.gz b.gz` produce them); zlib-ng releases the GIL while
+    inflating and checks each member's CRC and length as zlib does.
     """
 
     def __init__(self, upstream: Reader) -> None:
         self._upstream = upstream
         self._input = b""
-        self._decoder: Any = None  # zlib's decompressobj type has no public name
+        self._decoder: Any = None  # the decompressobj type has no public name
         self._upstream_done = False
 
     def read(self, size: int, /) -> bytes:
@@ -195,10 +199,10 @@ class GzipReader:
                         raise InvalidImage("gzip decompression failed: unexpected end of input")
                     break
             if self._decoder is None:
-                self._decoder = zlib.decompressobj(wbits=31)
+                self._decoder = zlib_ng.decompressobj(wbits=31)
             try:
                 out = self._decoder.decompress(self._input, size - got)
-            except zlib.error as err:
+            except ZlibError as err:
                 raise InvalidImage(f"gzip decompression failed: {err}") from err
             if self._decoder.eof:
                 self._input = self._decoder.unused_data
@@ -215,7 +219,7 @@ class GzipReader:
 
 
 def decoder(fmt: str, upstream: Reader) -> Reader:
-    """The reader that decompresses one layer: zlib in-process for gzip, an external tool otherwise."""
+    """The reader that decompresses one layer: zlib-ng in-process for gzip, an external tool otherwise."""
     return GzipReader(upstream) if fmt == GZIP else FilterProcess(fmt, upstream)
 
 

@@ -33,6 +33,7 @@ from importer.progress import Progress
 from importer.qcow2_import import Qcow2Import
 from importer.sources import BlankSource, FileSource, Source, SourceInfo
 from importer.target import (
+    BackgroundWriter,
     FileTarget,
     Preallocation,
     SparseWriter,
@@ -443,8 +444,9 @@ class ImportProcessor:
 
 
 def copy(reader: Reader, writer: SparseWriter) -> None:
-    while chunk := read_full(reader, CHUNK):
-        writer.write(chunk)
+    with BackgroundWriter(writer) as background:
+        while chunk := read_full(reader, CHUNK):
+            background.write(chunk)
 
 
 def extract_tar(reader: Reader, directory: Path, limit: int) -> None:

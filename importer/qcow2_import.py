@@ -8,12 +8,14 @@ disk with 64 KiB clusters), so memory stays bounded whatever the image size.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
+
+from zlib_ng import zlib_ng
 
 from importer import qcow2
 from importer.errors import InvalidImage
 from importer.fetch import DEFAULT_CONNECTIONS, Fetcher, RangeSource, plan, read_range
+from importer.pipeline import ZlibError
 from importer.qcow2 import Header, Segment
 from importer.target import SparseWriter
 
@@ -23,8 +25,8 @@ TABLE_BUDGET = 8 * 1024 * 1024
 def inflate(data: bytes, seg: Segment, cluster_size: int) -> bytes:
     """One compressed cluster: raw deflate (qemu writes window bits 12; a 15-bit decoder reads any window)."""
     try:
-        out = zlib.decompressobj(wbits=-15).decompress(data, cluster_size)
-    except zlib.error as err:
+        out = zlib_ng.decompressobj(wbits=-15).decompress(data, cluster_size)
+    except ZlibError as err:
         raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host}: {err}") from err
     if len(out) < cluster_size:
         raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host} decompresses to "
