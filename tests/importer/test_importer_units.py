@@ -14,12 +14,19 @@ import pytest
 
 from importer import formats, qemu_img
 from importer.cli import extra_headers_from_env, resolve_overhead
-from importer.errors import ChecksumMismatch, ConfigError, InvalidImage
+from importer.errors import ChecksumMismatch, ConfigError, ImageTooLarge, InvalidImage
 from importer.pipeline import Checksum
 from importer.processor import Route, choose_route
 from importer.progress import ImportMetrics, Progress, termination_message
 from importer.sources.http import parse_header
-from importer.target import WRITEBACK_INTERVAL, WritebackPacer, usable_size
+from importer.target import (
+    WRITEBACK_INTERVAL,
+    BackgroundWriter,
+    SparseWriter,
+    WritebackPacer,
+    ZeroPolicy,
+    usable_size,
+)
 from importer.units import GiB, MiB, parse_quantity
 
 
@@ -192,3 +199,24 @@ def _open_fds_to(path: Path) -> list[str]:
             if os.readlink(fd) == str(path):
                 found.append(fd.name)
     return found
+
+
+def test_background_writer_writes_in_order_and_reports_the_writers_error(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        chunks = [bytes([i]) * 4096 for i in range(1, 40)]
+        with BackgroundWriter(SparseWriter(fd, ZeroPolicy.SKIP, 10**9), depth=2) as background:
+            for chunk in chunks:
+                background.write(chunk)
+        assert path.read_bytes() == b"".join(chunks)
+        # A limit the stream passes: the error reaches the producer, which never blocks on a full queue.
+        background = BackgroundWriter(SparseWriter(fd, ZeroPolicy.SKIP, 3 * 4096), depth=1)
+        with pytest.raises(ImageTooLarge):
+            for chunk in chunks:
+                background.write(chunk)
+            background.close()
+        with pytest.raises(ImageTooLarge):  # closing again neither hangs nor forgets the failure
+            background.close()
+    finally:
+        os.close(fd)

@@ -119,6 +119,7 @@ def test_many_l2_tables_beyond_the_table_budget(fresh_server: ImageServer, dest:
     image = make_image(tmp_path / "tiny-clusters.qcow2", "write -P 0x71 0 1M", "write -P 0x72 12M 100k",
                        options="compat=1.1,cluster_size=512")
     monkeypatch.setattr(qcow2_import, "TABLE_BUDGET", 16 * 1024)  # 32 tables per batch, and read twice
+    monkeypatch.setattr(qcow2_import, "GROUP_ENTRIES", 256)  # written 4 tables at a time
     rc, _, err = import_from(fresh_server, image, dest, capsys)
     assert rc == 0, err
     assert compare(reference(image, tmp_path), dest / "disk.img").returncode == 0
