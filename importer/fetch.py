@@ -47,8 +47,9 @@ def split(segments: list[Segment], limit: int) -> Iterator[Segment]:
             yield Segment(seg.host + offset, length, seg.guest + offset, length)
 
 
-def plan(segments: list[Segment], part_max: int = PART_MAX, merge_gap: int = MERGE_GAP) -> list[Part]:
-    """Range requests covering every segment, in file order."""
+def plan(segments: list[Segment], part_max: int | None = None, merge_gap: int = MERGE_GAP) -> list[Part]:
+    """Range requests covering every segment, in file order (parts of at most PART_MAX bytes by default)."""
+    part_max = PART_MAX if part_max is None else part_max
     parts: list[Part] = []
     for seg in sorted(split(segments, part_max), key=lambda s: s.host):
         last = parts[-1] if parts else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from importer import formats, qcow2, qemu_img
 from importer.errors import ConfigError, ImageTooLarge, InvalidImage, ScratchSpaceRequired, ToolError
-from importer.fetch import DEFAULT_CONNECTIONS
+from importer.fetch import DEFAULT_CONNECTIONS, Fetcher, plan
 from importer.pipeline import (
     CHUNK,
     Checksum,
@@ -30,6 +30,7 @@ from importer.pipeline import (
     read_full,
 )
 from importer.progress import Progress
+from importer.qcow2 import Segment
 from importer.qcow2_import import Qcow2Import
 from importer.sources import BlankSource, FileSource, Source, SourceInfo
 from importer.target import (
@@ -202,6 +203,11 @@ class ImportProcessor:
                 self.qemu_input = req.source.qemu_input(self._stack, self._workdir)
                 self._choose_reader(info.header, info.size)
                 return Phase.VALIDATE
+        if (req.content_type == "kubevirt" and outer == formats.RAW and info.random_access and info.size
+                and req.checksum is None):
+            # Plain raw that can be read at offsets: parallel Range requests (a checksum needs the bytes in order).
+            self.route, self.reader = Route.STREAM, "ranges"
+            return Phase.VALIDATE
         # Everything else is read as a stream; peeling the compression layers reads only a few KiB.
         self.counter = CountingReader(req.source.open(), req.checksum, self._on_source_bytes)
         self.layers = open_layers(self.counter)
@@ -242,7 +248,10 @@ class ImportProcessor:
 
     def _transfer(self) -> Phase:
         if self.route is Route.STREAM:
-            self._stream_into_target()
+            if self.reader == "ranges":
+                self._fetch_raw()
+            else:
+                self._stream_into_target()
             return Phase.RESIZE
         if self.route is Route.SCRATCH:
             self._download_to_scratch()
@@ -312,24 +321,55 @@ class ImportProcessor:
             return
         self.reader, self.qcow2_header = "native", parsed
 
-    def _read_qcow2(self) -> None:
-        """The direct route for a qcow2 we can read: tables checked, then clusters fetched in parallel."""
+    def _open_work(self) -> tuple[int, Path]:
+        """The target opened for writing (a new temporary file, or the device), preallocated when asked."""
         req = self.req
-        assert self.qcow2_header is not None and self.info is not None and self.info.size is not None
-        self.work = req.target.begin()
+        self.work = work = req.target.begin()
         flags = os.O_WRONLY if req.target.is_block else os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        fd = os.open(self.work, flags, 0o660)
+        fd = os.open(work, flags, 0o660)
         try:
             if req.preallocation and not req.target.is_block:
                 self.applied = preallocate_file(fd, 0, self.usable)
             elif req.preallocation:
                 self.applied = Preallocation.FULL
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, work
+
+    def _read_qcow2(self) -> None:
+        """The direct route for a qcow2 we can read: tables checked, then clusters fetched in parallel."""
+        req = self.req
+        assert self.qcow2_header is not None and self.info is not None and self.info.size is not None
+        fd, work = self._open_work()
+        try:
             writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
-            with WritebackPacer(self.work):
+            with WritebackPacer(work):
                 Qcow2Import(req.source, self.qcow2_header, self.info.size, writer, req.connections,
                             req.progress.range(0, 100).set).run()
             if not req.target.is_block and not req.preallocation:
                 os.ftruncate(fd, self.virtual_size)
+        finally:
+            os.close(fd)
+
+    def _fetch_raw(self) -> None:
+        """An uncompressed raw image from a source with Range support: fetched in parallel parts, holes kept."""
+        req = self.req
+        assert self.info is not None and self.info.size is not None
+        size = self.info.size
+        fd, work = self._open_work()
+        try:
+            writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+            percent = req.progress.range(0, 100).set
+            fetcher = Fetcher(req.source, writer, _no_compressed_segments, req.connections,
+                              lambda done: percent(100.0 * done / size))
+            try:
+                with WritebackPacer(work):
+                    fetcher.run(plan([Segment(0, size, 0, size)]))
+            finally:
+                fetcher.close()
+            if not req.target.is_block and not req.preallocation:
+                os.ftruncate(fd, size)
         finally:
             os.close(fd)
 
@@ -375,19 +415,13 @@ class ImportProcessor:
     def _stream_into_target(self) -> None:
         req = self.req
         assert self.layers is not None
-        self.work = req.target.begin()
-        flags = os.O_WRONLY if req.target.is_block else os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        fd = os.open(self.work, flags, 0o660)
+        fd, work = self._open_work()
         try:
-            if req.preallocation and not req.target.is_block:
-                self.applied = preallocate_file(fd, 0, self.usable)
-            elif req.preallocation:
-                self.applied = Preallocation.FULL
             compressions = self.layers.compressions
             if not req.target.is_block and not req.preallocation and compressions \
                     and can_write_through(compressions[-1]):
                 # xz/zstd write the file (holes included) themselves: no decompressed byte crosses Python.
-                with WritebackPacer(self.work):
+                with WritebackPacer(work):
                     self.layers.decompress_into(fd, self.usable)
                 self.virtual_size = os.fstat(fd).st_size
             else:
@@ -441,6 +475,10 @@ class ImportProcessor:
                 os.replace(entry, req.target.path / entry.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _no_compressed_segments(data: bytes, segment: Segment) -> bytes:
+    raise AssertionError("a raw image has no compressed segments")
 
 
 def copy(reader: Reader, writer: SparseWriter) -> None:

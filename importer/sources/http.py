@@ -299,6 +299,11 @@ class HttpStream:
                 self._drop()
                 raise TransferError(f"{self._source.url} answered a request for bytes {self._pos}-"
                                     f"{'' if last is None else last} with the wrong range")
+            length = resp.getheader("Content-Length")
+            if last is not None and length is not None and length.strip() != str(last - self._pos + 1):
+                self._drop()
+                raise TransferError(f"{self._source.url} answered bytes {self._pos}-{last} with Content-Length "
+                                    f"{length.strip()} (wrong Content-Length)")
         elif ranged:
             self._drop()
             raise TransferError(f"{self._source.url} ignored a Range request (HTTP 200) it said it supports")

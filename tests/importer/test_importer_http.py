@@ -10,7 +10,7 @@ import trustme
 from imageserver import ImageServer, Route
 from impkit import Images, compare
 
-from importer import cli
+from importer import cli, fetch
 
 SIZE = ["--image-size", "16Mi"]
 
@@ -179,4 +179,54 @@ def test_checksum_mismatch_keeps_previous_disk(name: str, images: Images, server
 def test_http_404(server: ImageServer, dest: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run_import(["--endpoint", server.url("/img/nope"), "--dest", str(dest), *SIZE], capsys)
     assert rc == 1 and "HTTP 404" in err
+    assert_untouched(dest)
+
+
+# -- plain raw over parallel Range requests -----------------------------------------------------------------------
+
+
+def ranged_gets(server: ImageServer, path: str) -> list[str | None]:
+    return [rng for method, p, rng, _ in server.requests if method == "GET" and p == path and rng != "bytes=0-511"]
+
+
+def test_raw_with_ranges_is_fetched_in_parallel_parts(images: Images, fresh_server: ImageServer, dest: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(fetch, "PART_MAX", 1024 * 1024)
+    url = fresh_server.add("/raw", Route(images.files["raw"]))
+    rc, out, err = run_import(["--endpoint", url, "--dest", str(dest), *SIZE, "--connections", "3"], capsys)
+    assert rc == 0, err
+    assert "route stream" in out and "ranges reader" in out
+    assert compare(images.references["raw"], dest / "disk.img").returncode == 0
+    parts = ranged_gets(fresh_server, "/raw")
+    assert len(parts) == images.files["raw"].stat().st_size // (1024 * 1024)
+    assert all(rng and rng.split("-")[1] for rng in parts)  # every request has an end: one part each
+
+
+def test_raw_with_checksum_is_read_in_order(images: Images, fresh_server: ImageServer, dest: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    url = fresh_server.add("/raw", Route(images.files["raw"]))
+    digest = hashlib.sha256(images.files["raw"].read_bytes()).hexdigest()
+    rc, out, err = run_import(["--endpoint", url, "--dest", str(dest), *SIZE, "--checksum", f"sha256:{digest}"],
+                              capsys)
+    assert rc == 0, err
+    assert "ranges reader" not in out
+    assert ranged_gets(fresh_server, "/raw") == [None]  # one plain GET, hashed as it arrives
+
+
+def test_raw_range_resumes_where_it_broke(images: Images, fresh_server: ImageServer, dest: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    size = images.files["raw"].stat().st_size
+    url = fresh_server.add("/raw", Route(images.files["raw"], drop_at=300_000, drops=2))
+    rc, _, err = run_import(["--endpoint", url, "--dest", str(dest), *SIZE, "--connections", "1"], capsys)
+    assert rc == 0, err
+    assert compare(images.references["raw"], dest / "disk.img").returncode == 0
+    assert f"bytes=300000-{size - 1}" in ranged_gets(fresh_server, "/raw")
+
+
+def test_raw_range_with_wrong_content_length(images: Images, fresh_server: ImageServer, dest: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    url = fresh_server.add("/liar", Route(images.files["raw"], extra_length=5000))
+    rc, _, err = run_import(["--endpoint", url, "--dest", str(dest), *SIZE], capsys)
+    assert rc == 1 and "wrong Content-Length" in err, err
     assert_untouched(dest)
