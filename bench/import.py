@@ -307,7 +307,8 @@ def throughput_table(server: ImageServer, cdi: Path, files: dict[str, Path], wor
         f"### Import throughput, {size // MiB} MiB image ({data // MiB} MiB of data, the rest holes), HTTP on loopback",
         "",
         "Seconds, best of runs, page cache warm, each import ends with fsync. hpp-importer reads qcow2 itself "
-        "(tables, then 4 parallel Range requests; the nbdkit + qemu-img route it used before is the second row), "
+        "(tables, then 4 parallel Range requests; the nbdkit + qemu-img route it used before is the second row) "
+        "and fetches plain raw the same way, "
         "decodes gzip in-process with zlib-ng and writes on a second thread, and lets `xz -T0` / `zstd` write the "
         "volume file themselves. CDI's route = download into scratch "
         "(decompressing on the way), then `qemu-img convert -t writeback -p -O raw` into the volume. "
