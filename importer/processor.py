@@ -119,7 +119,7 @@ class ImportResult:
     scratch_used: bool
     dest: Path
     source_bytes: int
-    reader: str = ""  # who converted a qcow2 read in place: "native" or "qemu-img"
+    reader: str = ""  # how the bytes were read: "native"/"qemu-img" (qcow2 in place), "ranges" (raw in parts)
 
     @property
     def preallocation_applied(self) -> bool:
