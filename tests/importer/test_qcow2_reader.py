@@ -69,7 +69,9 @@ def patch(image: Path, offset: int, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("options", ["compat=1.1,cluster_size=512", "compat=1.1,cluster_size=2M",
-                                     "compat=0.10,cluster_size=4096", "compat=1.1,lazy_refcounts=on"])
+                                     "compat=0.10,cluster_size=4096", "compat=1.1,lazy_refcounts=on",
+                                     "compat=1.1,preallocation=metadata", "compat=0.10,preallocation=metadata",
+                                     "compat=1.1,preallocation=falloc"])
 def test_cluster_sizes_and_versions(options: str, fresh_server: ImageServer, dest: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     image = make_image(tmp_path / "layout.qcow2", "write -P 0x11 0 1M", "write -P 0x22 5M 3M",
@@ -138,6 +140,19 @@ def test_two_disk_clusters_on_one_file_cluster(fresh_server: ImageServer, dest: 
     assert rc == 0, err
     data = (dest / "disk.img").read_bytes()[: 128 * 1024]
     assert data == b"\x81" * 128 * 1024
+
+
+def test_internal_snapshot_is_not_what_imports(fresh_server: ImageServer, dest: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the active L1 table counts: clusters kept for an internal snapshot must not leak into the disk."""
+    image = make_image(tmp_path / "snap.qcow2", "write -P 0x11 0 2M")
+    run("qemu-img", "snapshot", "-c", "before", image)
+    run("qemu-io", "-c", "write -P 0x22 0 1M", "-c", "write -z 1M 1M", image)
+    rc, out, err = import_from(fresh_server, image, dest, capsys)
+    assert rc == 0, err
+    assert reader_of(out) == "native"
+    data = (dest / "disk.img").read_bytes()[: 2 * MiB]
+    assert data == b"\x22" * MiB + bytes(MiB)
 
 
 # -- what our reader leaves to qemu-img ---------------------------------------------------------------------------
