@@ -7,17 +7,19 @@ Reading a gap is cheaper than a new request, so segments closer than MERGE_GAP s
 
 from __future__ import annotations
 
+import functools
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from importer.errors import TransferError
 from importer.pipeline import CHUNK, Reader
 from importer.qcow2 import Segment
 from importer.target import SparseWriter
 
+T = TypeVar("T")
 PART_MAX = 16 * 1024 * 1024
 MERGE_GAP = 256 * 1024
 DEFAULT_CONNECTIONS = 4
@@ -74,35 +76,93 @@ def read_range(source: RangeSource, start: int, length: int, what: str) -> bytes
 
 
 class Fetcher:
-    """Runs parts on `connections` threads; the first failure stops the others and is raised."""
+    """Runs jobs (parts, table reads) on up to `connections` daemon threads; the first failure stops the rest.
+
+    A failure or a signal returns at once without waiting for the other threads: one may sit in a stalled read
+    for the whole stall timeout, and kubelet's grace period is shorter. Whoever owns the target hands its cleanup
+    to close(then=...), which runs it only once no thread can write any more.
+    """
 
     def __init__(self, source: RangeSource, writer: SparseWriter, decode: Callable[[bytes, Segment], bytes],
                  connections: int = DEFAULT_CONNECTIONS, on_bytes: Callable[[int], None] = lambda n: None) -> None:
-        self._source, self._writer, self._decode, self._on_bytes = source, writer, decode, on_bytes
-        self._pool = ThreadPoolExecutor(max(1, connections), thread_name_prefix="fetch")
+        self._source, self._writer, self._decode = source, writer, decode
+        self.on_bytes = on_bytes  # called with the bytes fetched so far
+        self._connections = max(1, connections)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._running = 0
+        self._then: Callable[[], None] | None = None
         self.fetched = 0
 
     def map(self, fn: Callable[[int], bytes], items: list[int]) -> list[bytes]:
-        """fn over items on the pool (table reads), results in order."""
-        return list(self._pool.map(fn, items))
+        """fn over items on the threads (table reads), results in order."""
+        return self._run_jobs([functools.partial(fn, item) for item in items])
 
     def run(self, parts: list[Part]) -> None:
-        futures: list[Future[None]] = [self._pool.submit(self._fetch_part, part) for part in parts]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            self._stop.set()
-            for future in futures:
-                future.cancel()
-            wait(futures)
-            raise
+        self._run_jobs([functools.partial(self._fetch_part, part) for part in parts])
 
-    def close(self) -> None:
+    def close(self, then: Callable[[], None] = lambda: None) -> None:
+        """Stop; `then` runs now if no thread is left, else when the last one exits (after a failure)."""
         self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            if self._running:
+                self._then = then
+                return
+        then()
+
+    def _run_jobs(self, jobs: list[Callable[[], T]]) -> list[T]:
+        results: list[T | None] = [None] * len(jobs)
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(len(jobs)):
+            todo.put(index)
+        left = len(jobs)
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def work() -> None:
+            nonlocal left
+            try:
+                while not self._stop.is_set():
+                    try:
+                        index = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        results[index] = jobs[index]()
+                    except BaseException as err:  # handed to the waiting thread
+                        errors.append(err)
+                        self._stop.set()
+                        done.set()
+                        return
+                    with self._lock:
+                        left -= 1
+                        if left == 0:
+                            done.set()
+            finally:
+                self._exited()
+
+        if jobs:
+            for _ in range(min(self._connections, len(jobs))):
+                with self._lock:
+                    self._running += 1
+                threading.Thread(target=work, name="fetch", daemon=True).start()
+            try:
+                done.wait()
+            except BaseException:  # a signal: the others stop at their next chunk, nobody waits for them
+                self._stop.set()
+                raise
+        if errors:
+            raise errors[0]
+        if self._stop.is_set():
+            raise TransferError("the fetch was stopped")
+        return cast("list[T]", results)
+
+    def _exited(self) -> None:
+        with self._lock:
+            self._running -= 1
+            then, self._then = (self._then, None) if self._running == 0 else (None, self._then)
+        if then is not None:
+            then()
 
     def _fetch_part(self, part: Part) -> None:
         if self._stop.is_set():
@@ -118,14 +178,16 @@ class Fetcher:
                 elif seg.compressed:
                     data = cursor.span(seg.host, seg.host_end)
                     cursor.forget_before(seg.host)
+                    if self._stop.is_set():
+                        return
                     self._writer.write_at(seg.guest, self._decode(data, seg)[: seg.size])
                 else:
                     guest = seg.guest
                     for chunk in cursor.stream(seg.host, seg.host_end):
-                        self._writer.write_at(guest, chunk)
-                        guest += len(chunk)
                         if self._stop.is_set():
                             return
+                        self._writer.write_at(guest, chunk)
+                        guest += len(chunk)
         finally:
             reader.close()
 
@@ -133,7 +195,7 @@ class Fetcher:
         with self._lock:
             self.fetched += n
             total = self.fetched
-        self._on_bytes(total)
+        self.on_bytes(total)
 
 
 class _Cursor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -31,7 +32,7 @@ from importer.pipeline import (
 )
 from importer.progress import Progress
 from importer.qcow2 import Segment
-from importer.qcow2_import import Qcow2Import
+from importer.qcow2_import import Qcow2Import, qcow2_fetcher
 from importer.sources import BlankSource, FileSource, Source, SourceInfo
 from importer.target import (
     BackgroundWriter,
@@ -342,15 +343,16 @@ class ImportProcessor:
         req = self.req
         assert self.qcow2_header is not None and self.info is not None and self.info.size is not None
         fd, work = self._open_work()
+        writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+        fetcher = qcow2_fetcher(req.source, self.qcow2_header, writer, req.connections)
         try:
-            writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
             with WritebackPacer(work):
-                Qcow2Import(req.source, self.qcow2_header, self.info.size, writer, req.connections,
+                Qcow2Import(req.source, self.qcow2_header, self.info.size, writer, fetcher,
                             req.progress.range(0, 100).set).run()
             if not req.target.is_block and not req.preallocation:
                 os.ftruncate(fd, self.virtual_size)
         finally:
-            os.close(fd)
+            fetcher.close(then=functools.partial(os.close, fd))  # after a failure, once no thread writes
 
     def _fetch_raw(self) -> None:
         """An uncompressed raw image from a source with Range support: fetched in parallel parts, holes kept."""
@@ -358,20 +360,17 @@ class ImportProcessor:
         assert self.info is not None and self.info.size is not None
         size = self.info.size
         fd, work = self._open_work()
+        writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+        percent = req.progress.range(0, 100).set
+        fetcher = Fetcher(req.source, writer, _no_compressed_segments, req.connections,
+                          lambda done: percent(100.0 * done / size))
         try:
-            writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
-            percent = req.progress.range(0, 100).set
-            fetcher = Fetcher(req.source, writer, _no_compressed_segments, req.connections,
-                              lambda done: percent(100.0 * done / size))
-            try:
-                with WritebackPacer(work):
-                    fetcher.run(plan([Segment(0, size, 0, size)]))
-            finally:
-                fetcher.close()
+            with WritebackPacer(work):
+                fetcher.run(plan([Segment(0, size, 0, size)]))
             if not req.target.is_block and not req.preallocation:
                 os.ftruncate(fd, size)
         finally:
-            os.close(fd)
+            fetcher.close(then=functools.partial(os.close, fd))  # after a failure, once no thread writes
 
     def _check_image(self, source: str, consistency: bool = True) -> None:
         """qemu-img info under limits, then the whitelist, the security checks and the size check.

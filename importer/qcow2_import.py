@@ -36,37 +36,40 @@ def inflate(data: bytes, seg: Segment, cluster_size: int) -> bytes:
     return out
 
 
-class Qcow2Import:
-    """Reads one qcow2 through a RangeSource into a SparseWriter positioned at disk offset 0."""
+def qcow2_fetcher(source: RangeSource, header: Header, writer: SparseWriter,
+                  connections: int = DEFAULT_CONNECTIONS) -> Fetcher:
+    """The Fetcher a Qcow2Import runs on; its owner closes it (see Fetcher.close) once the import is over."""
+    return Fetcher(source, writer, lambda data, seg: inflate(data, seg, header.cluster_size), connections)
 
-    def __init__(self, source: RangeSource, header: Header, file_size: int, writer: SparseWriter,
-                 connections: int = DEFAULT_CONNECTIONS, on_percent: Callable[[float], None] = lambda p: None) -> None:
+
+class Qcow2Import:
+    """Reads one qcow2 through a RangeSource into the fetcher's SparseWriter, positioned at disk offset 0."""
+
+    def __init__(self, source: RangeSource, header: Header, file_size: int, writer: SparseWriter, fetcher: Fetcher,
+                 on_percent: Callable[[float], None] = lambda p: None) -> None:
         self._source, self._header, self._file_size, self._writer = source, header, file_size, writer
         self._on_percent = on_percent
         self._total = 0
-        self._fetcher = Fetcher(source, writer, lambda data, seg: inflate(data, seg, header.cluster_size),
-                                connections, self._progress)
+        self._fetcher = fetcher
+        fetcher.on_bytes = self._progress
 
     def run(self) -> None:
-        try:
-            l1_offset, l1_bytes = self._header.l1_offset, self._header.l1_needed * 8
-            if l1_offset + l1_bytes > self._file_size:
-                raise InvalidImage(f"qcow2 image is truncated: its L1 table ({l1_bytes} bytes at offset {l1_offset}) "
-                                   f"lies beyond the end of the file ({self._file_size} bytes)")
-            l1 = read_range(self._source, l1_offset, l1_bytes, "the qcow2 L1 table")
-            tables = qcow2.l2_tables(self._header, l1, self._file_size)
-            allocated = [index for index, offset in enumerate(tables) if offset]
-            keep = len(allocated) * self._header.cluster_size <= TABLE_BUDGET
-            kept: dict[int, bytes] = {}
-            for batch in self._batches(allocated):  # pass 1: check every entry, count what to fetch
-                for index, table in zip(batch, self._read_tables(tables, batch), strict=True):
-                    segments = qcow2.map_table(self._header, index, table, self._file_size)
-                    self._total += sum(part.end - part.start for part in plan(segments))
-                    if keep:
-                        kept[index] = table
-            self._write(tables, allocated, kept if keep else None)
-        finally:
-            self._fetcher.close()
+        l1_offset, l1_bytes = self._header.l1_offset, self._header.l1_needed * 8
+        if l1_offset + l1_bytes > self._file_size:
+            raise InvalidImage(f"qcow2 image is truncated: its L1 table ({l1_bytes} bytes at offset {l1_offset}) "
+                               f"lies beyond the end of the file ({self._file_size} bytes)")
+        l1 = read_range(self._source, l1_offset, l1_bytes, "the qcow2 L1 table")
+        tables = qcow2.l2_tables(self._header, l1, self._file_size)
+        allocated = [index for index, offset in enumerate(tables) if offset]
+        keep = len(allocated) * self._header.cluster_size <= TABLE_BUDGET
+        kept: dict[int, bytes] = {}
+        for batch in self._batches(allocated):  # pass 1: check every entry, count what to fetch
+            for index, table in zip(batch, self._read_tables(tables, batch), strict=True):
+                segments = qcow2.map_table(self._header, index, table, self._file_size)
+                self._total += sum(part.end - part.start for part in plan(segments))
+                if keep:
+                    kept[index] = table
+        self._write(tables, allocated, kept if keep else None)
 
     def _write(self, tables: list[int], allocated: list[int], kept: dict[int, bytes] | None) -> None:
         """Pass 2: segments of up to GROUP_ENTRIES table entries at a time, then the holes they leave."""

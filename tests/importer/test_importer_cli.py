@@ -104,9 +104,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_progress_metric(images: Images, fresh_server: ImageServer, dest: Path) -> None:
-    size = images.files["raw"].stat().st_size
-    url = fresh_server.add("/slow", Route(images.files["raw"], stall_at=size // 2, stall_seconds=3))
+@pytest.mark.parametrize("name", ["raw", "qcow2"])  # the ranges reader and our qcow2 reader
+def test_progress_metric(name: str, images: Images, fresh_server: ImageServer, dest: Path) -> None:
+    size = images.files[name].stat().st_size
+    url = fresh_server.add("/slow", Route(images.files[name], stall_at=size // 2, stall_seconds=3))
     port = _free_port()
     proc = subprocess.Popen([HPP_IMPORTER, "import", "--endpoint", url, "--dest", str(dest), "--image-size", "16Mi",
                              "--metrics-address", f"127.0.0.1:{port}", "--stall-timeout", "10"],
@@ -132,9 +133,22 @@ def test_progress_metric(images: Images, fresh_server: ImageServer, dest: Path) 
     assert proc.returncode == 0, err
 
 
-def test_sigterm_cleans_up(images: Images, fresh_server: ImageServer, dest: Path, tmp_path: Path) -> None:
-    size = images.files["raw"].stat().st_size
-    url = fresh_server.add("/slow", Route(images.files["raw"], stall_at=size // 2, stall_seconds=5))
+@pytest.fixture(scope="module")
+def big_xz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Incompressible enough that the middle of the file lies well past the 1 MiB the sniffing peeks at."""
+    raw = tmp_path_factory.mktemp("bigxz") / "big.raw"
+    raw.write_bytes(os.urandom(12 * 1024 * 1024))
+    subprocess.run(["xz", "-0", "-k", str(raw)], check=True)
+    return raw.with_name("big.raw.xz")
+
+
+@pytest.mark.parametrize("name", ["raw", "qcow2", "raw.xz"])  # ranges reader, qcow2 reader, xz stream
+def test_sigterm_cleans_up_at_once(name: str, images: Images, big_xz: Path, fresh_server: ImageServer, dest: Path,
+                                   tmp_path: Path) -> None:
+    """Kubelet's grace period is 30 s: a connection stalled mid-transfer must not hold the cleanup back."""
+    image = big_xz if name == "raw.xz" else images.files[name]
+    size = image.stat().st_size
+    url = fresh_server.add("/slow", Route(image, stall_at=size // 2, stall_seconds=40))
     log = tmp_path / "termination-log"
     proc = subprocess.Popen([HPP_IMPORTER, "import", "--endpoint", url, "--dest", str(dest), "--image-size", "16Mi",
                              "--termination-log", str(log)], env={"PATH": os.environ["PATH"]},
@@ -143,9 +157,12 @@ def test_sigterm_cleans_up(images: Images, fresh_server: ImageServer, dest: Path
     while not list(dest.iterdir()) and time.monotonic() < deadline:  # wait until the temporary file exists
         time.sleep(0.05)
     assert list(dest.iterdir()), "the import never started writing"
+    time.sleep(0.5)  # well into the stall
     proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and "terminated by signal 15" in err
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 10, "cleanup waited for the stalled connection"
+    assert proc.returncode == 1 and "terminated by signal 15" in err, err
     assert list(dest.iterdir()) == []
     assert "terminated" in json.loads(log.read_text())["message"]
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,10 @@ from imageserver import ImageServer, Route
 from impkit import Images, LoopDevice, MiB, allocated, compare, run
 
 from importer import cli, qcow2, qcow2_import
-from importer.errors import InvalidImage
-from importer.fetch import Part, _Cursor, plan
+from importer.errors import InvalidImage, TransferError
+from importer.fetch import Fetcher, Part, _Cursor, plan
 from importer.qcow2 import Segment
+from importer.target import SparseWriter, ZeroPolicy
 
 
 def import_from(server: ImageServer, image: Path, dest: Path, capsys: pytest.CaptureFixture[str],
@@ -302,3 +306,49 @@ def test_header_parsing_refuses_garbage() -> None:
         qcow2.parse_header(b"QFI\xfb" + bytes(10))
     with pytest.raises(InvalidImage):
         qcow2.parse_header(b"NOPE" + bytes(200))
+
+
+class _StuckSource:
+    """Part 0 fails at once; every other part hangs until released, like a stalled connection."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self._stuck = threading.Event()
+
+    def open_range(self, start: int, end: int, /) -> _StuckReader:
+        if start == 0:
+            self._stuck.wait(5)  # fail only once the other thread is inside its read
+            raise TransferError("part 0 failed")
+        self._stuck.set()
+        return _StuckReader(self.release, end - start)
+
+
+class _StuckReader:
+    def __init__(self, release: threading.Event, length: int) -> None:
+        self._release, self._left = release, length
+
+    def read(self, size: int, /) -> bytes:
+        self._release.wait()
+        data = b"\x01" * min(size, self._left)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def test_fetcher_fails_at_once_and_cleans_up_after_the_last_thread(tmp_path: Path) -> None:
+    source = _StuckSource()
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    fetcher = Fetcher(source, SparseWriter(fd, ZeroPolicy.SKIP, 10 * MiB), lambda data, seg: data, connections=2)
+    cleaned = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="part 0 failed"):
+        fetcher.run([Part(0, MiB, [Segment(0, MiB, 0, MiB)]), Part(MiB, 2 * MiB, [Segment(MiB, MiB, MiB, MiB)])])
+    assert time.monotonic() - started < 2, "the failure waited for the stuck thread"
+    fetcher.close(then=cleaned.set)
+    assert not cleaned.wait(0.3), "cleanup ran while a thread could still write"
+    source.release.set()
+    assert cleaned.wait(5), "cleanup never ran after the last thread exited"
+    assert os.fstat(fd).st_size == 0  # the stuck thread saw the stop and wrote nothing
+    os.close(fd)
