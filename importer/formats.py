@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import struct
-from dataclasses import dataclass
 
+from importer import qcow2
 from importer.errors import InvalidImage
 
 HEADER_SIZE = 512
@@ -49,46 +48,18 @@ def is_convertible(fmt: str) -> bool:
     return fmt in CONVERTIBLE
 
 
-@dataclass(frozen=True)
-class Qcow2Header:
-    """The fields of a qcow2 header that decide whether we may touch the image at all."""
-
-    version: int
-    virtual_size: int
-    backing_file_offset: int
-    encrypted: bool
-    external_data_file: bool
-
-
-def parse_qcow2_header(header: bytes) -> Qcow2Header:
-    """Decode the fixed part of a qcow2 header (big-endian, see qemu's docs/interop/qcow2.txt)."""
-    if len(header) < 72 or header[:4] != b"QFI\xfb":
-        raise InvalidImage("truncated or malformed qcow2 header")
-    version, backing_offset = struct.unpack_from(">IQ", header, 4)
-    (virtual_size,) = struct.unpack_from(">Q", header, 24)
-    (crypt_method,) = struct.unpack_from(">I", header, 32)
-    incompatible = struct.unpack_from(">Q", header, 72)[0] if version >= 3 and len(header) >= 80 else 0
-    return Qcow2Header(
-        version=version,
-        virtual_size=virtual_size,
-        backing_file_offset=backing_offset,
-        encrypted=crypt_method != 0,
-        external_data_file=bool(incompatible & 0x4),
-    )
-
-
 def check_header(fmt: str, header: bytes) -> None:
     """Refuse unsafe images from their header alone, before qemu-img opens them."""
     if fmt != "qcow2":
         return
-    qcow2 = parse_qcow2_header(header)
-    if qcow2.version not in (2, 3):
-        raise InvalidImage(f"unsupported qcow2 version {qcow2.version}")
-    if qcow2.backing_file_offset:
+    parsed = qcow2.parse_header(header)
+    if parsed.version not in (2, 3):
+        raise InvalidImage(f"unsupported qcow2 version {parsed.version}")
+    if parsed.backing_file_offset:
         raise InvalidImage("qcow2 image has a backing file; refusing it (it could read files outside the image)")
-    if qcow2.external_data_file:
+    if parsed.incompatible & qcow2.INCOMPAT_DATA_FILE:
         raise InvalidImage("qcow2 image has an external data file; refusing it (it could read files outside the image)")
-    if qcow2.encrypted:
+    if parsed.crypt_method:
         raise InvalidImage("qcow2 image is encrypted; encrypted images are not supported")
 
 

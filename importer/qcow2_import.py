@@ -107,7 +107,7 @@ class Qcow2Import:
             return
         span = self._header.l2_span
         start, end = index * span, min((index + 1) * span, self._header.virtual_size)
-        for seg in sorted(segments, key=lambda s: s.guest):
+        for seg in segments:  # map_table gives them in disk order
             if seg.guest > start:
                 self._writer.zero(start, seg.guest - start)
             start = max(start, seg.guest + seg.size)
