@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--qcow2-reader", choices=("native", "qemu-img"), default="native",
                      help="who reads a qcow2 served with Range support: our parallel reader, or qemu-img via nbdkit")
     imp.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
-                     help=f"parallel Range requests of the native qcow2 reader [{DEFAULT_CONNECTIONS}]")
+                     help=f"parallel Range requests of our qcow2 and raw readers [{DEFAULT_CONNECTIONS}]")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     imp.add_argument("-v", "--verbose", action="store_true")
     return parser
