@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PvcTemplate:
-    """What a pool backed by a PVC asks of Kubernetes (seed 10.22.2.2)."""
+    """What a pool backed by a PVC asks of Kubernetes (OpenShift Virtualization's pools made from PVC templates)."""
 
     volume_mode: str
     storage_class_name: str | None

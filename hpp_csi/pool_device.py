@@ -1,6 +1,7 @@
-"""Block-backed storage pools (seed 10.22.2.2): a device or a loop file, formatted XFS with reflink when it
-holds nothing, mounted with project quotas at the pool's volumes folder. What is attached and mounted is read
-from the system every time, so a restarted driver finds its pools as they are."""
+"""Block-backed storage pools (as OpenShift Virtualization's pools made from PVC templates): a device or a loop
+file, formatted XFS with reflink when it holds nothing, mounted with project quotas at the pool's volumes folder.
+What is attached and mounted is read from the system every time, so a restarted driver finds its pools as they
+are."""
 
 from __future__ import annotations
 

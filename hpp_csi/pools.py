@@ -136,7 +136,7 @@ class StoragePool:
         )
 
     def shares_os_filesystem(self) -> bool:
-        """True when the pool sits on the filesystem of `/` (the seed warns: it can fill the OS partition)."""
+        """True when the pool sits on the filesystem of `/` (documented as a risk: it can fill the OS partition)."""
         return os.stat(self.volumes_dir).st_dev == os.stat("/").st_dev
 
     def volume_path(self, volume_id: str) -> Path:
@@ -191,7 +191,7 @@ class StoragePool:
 
 
 def check_path_not_shared(pool: StoragePool) -> bool:
-    """Log the seed's warning when a pool shares the OS filesystem; return whether it does."""
+    """Log the documented warning when a pool shares the OS filesystem; return whether it does."""
     shared = pool.shares_os_filesystem()
     if shared:
         log.warning(

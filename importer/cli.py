@@ -83,7 +83,7 @@ def extra_headers_from_env(env: Mapping[str, str]) -> list[str]:
 
 
 def resolve_overhead(global_value: float, per_class: Sequence[str], storage_class: str | None) -> float:
-    """The storage class's own overhead if configured, else the global one (seed 10.22.4.2)."""
+    """The storage class's own overhead if configured, else the global one (CDI's per-class overhead)."""
     for item in per_class:
         name, sep, value = item.partition("=")
         if not sep:

@@ -21,7 +21,7 @@ from importer.errors import ConfigError, ImageTooLarge, ImporterError
 from importer.units import MiB, round_down
 
 DISK_IMAGE_NAME = "disk.img"
-DEFAULT_FILESYSTEM_OVERHEAD = 0.055  # seed 10.22.4: 5.5% of a Filesystem-mode PVC is kept for metadata
+DEFAULT_FILESYSTEM_OVERHEAD = 0.055  # CDI's default: 5.5% of a Filesystem-mode PVC is kept for metadata
 ZERO_BLOCK = 4096  # hole granularity, as qemu-img convert -S 4k
 _ZEROS = bytes(1024 * 1024)
 _ZERO_BLOCK = bytes(ZERO_BLOCK)

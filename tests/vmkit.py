@@ -5,16 +5,21 @@ initramfs (busybox-static + the modules it needs), mounts the host's `/` read-on
 into it (so the guest runs the host's binaries and our source tree), and reports through the serial
 console between markers. Usage:
 
-    result = run_script("mkfs.xfs -V")      # VMResult(status, output, seconds, where)
+    result = run_script("mkfs.xfs -V")      # VMResult(status, output, seconds, where, kernel)
 
-`VMUnavailable` is raised (never a skip) when the guest cannot start, with the reason.
+The kernel is looked up, never named: the newest /boot/vmlinuz-* whose config has XFS quota and whose modules
+are installed, or $HPP_VMKIT_KERNEL. `VMUnavailable` is raised (never a skip) when the guest cannot start, with
+the reason.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import gzip
+import lzma
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -23,13 +28,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNEL_RELEASE = os.environ.get("HPP_VMKIT_KERNEL", "6.1.0-56-amd64")
-CACHE_DIR = Path(os.environ.get("HPP_VMKIT_CACHE", "/tmp/hpp-vmkit-cache"))
+BOOT_DIR = Path("/boot")
+MODULES_DIR = Path("/lib/modules")
+KERNEL_OVERRIDE = "HPP_VMKIT_KERNEL"  # a release (`uname -r` style) or a path to a vmlinuz-<release>
+KERNEL_PACKAGE = "linux-image-amd64"  # Debian's metapackage for the stock kernel; scripts/install-system-deps.sh
 BUSYBOX = Path("/bin/busybox")
 QEMU = "qemu-system-x86_64"
 # What the guest needs: virtio-pci + 9p to reach the host's files, xfs and loop for the tests.
 # crc32c is a soft dependency of libcrc32c (a crypto lookup at runtime, absent from modules.dep).
 WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "crc32c_generic", "xfs", "loop")
+# The feature the quota tests exist for; a kernel without it is no use to them.
+REQUIRED_CONFIG = "CONFIG_XFS_QUOTA=y"
+# Debian has shipped modules plain (bookworm) and xz-compressed (trixie); busybox insmod wants them plain.
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 BEGIN, EXIT = "@@VMKIT-BEGIN@@", "@@VMKIT-EXIT="
 
 INIT = """#!/bin/busybox sh
@@ -75,10 +86,110 @@ class VMResult:
     output: str
     seconds: float
     where: str
+    kernel: str
 
 
-def module_order(wanted: tuple[str, ...], modules_dep: str) -> list[str]:
-    """Module paths (relative to /lib/modules/<release>) with dependencies before their users."""
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel the guest can boot: its image and the module tree the initramfs is built from."""
+
+    release: str
+    image: Path
+    moddir: Path
+
+
+def release_order(release: str) -> tuple[object, ...]:
+    """Sort key that puts 6.1.0-100 after 6.1.0-99 (numbers compare as numbers, the rest as text)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release))
+
+
+def module_paths(moddir: Path) -> dict[str, str]:
+    """Module name (dashes as underscores) -> path in modules.dep, relative to the module tree."""
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path = line.split(":", 1)[0]
+        if path:
+            by_name[module_name(path)] = path
+    return by_name
+
+
+def module_name(path: str) -> str:
+    """`kernel/fs/9p/9p.ko.xz` -> `9p`; names compare with dashes as underscores, as modprobe does."""
+    name = os.path.basename(path)
+    for suffix in sorted(MODULE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def builtin_modules(moddir: Path) -> set[str]:
+    """Names of what is compiled into the kernel: nothing to load for those."""
+    listing = moddir / "modules.builtin"
+    if not listing.exists():
+        return set()
+    return {module_name(line) for line in listing.read_text().split()}
+
+
+def kernel_problem(release: str, boot: Path = BOOT_DIR, modules: Path = MODULES_DIR) -> str | None:
+    """Why the guest cannot use this kernel, or None when it can."""
+    if not (boot / f"vmlinuz-{release}").is_file():
+        return f"{boot}/vmlinuz-{release} missing"
+    config = boot / f"config-{release}"
+    if not config.is_file():
+        return f"{config} missing (cannot tell whether it has XFS quota)"
+    if REQUIRED_CONFIG not in config.read_text(errors="replace").splitlines():
+        return f"{config} lacks {REQUIRED_CONFIG}"
+    moddir = modules / release
+    if not (moddir / "modules.dep").is_file():
+        return f"{moddir}/modules.dep missing (modules not installed)"
+    have = set(module_paths(moddir)) | builtin_modules(moddir)
+    absent = [name for name in WANTED_MODULES if name not in have]
+    if absent:
+        return f"{moddir} lacks the modules {', '.join(absent)}"
+    return None
+
+
+def find_kernel(boot: Path = BOOT_DIR, modules: Path = MODULES_DIR, override: str | None = None) -> Kernel:
+    """The guest's kernel: `override` (default $HPP_VMKIT_KERNEL) if given, else the newest in `boot` that fits.
+
+    Fits: /boot/config-<release> has CONFIG_XFS_QUOTA=y and the modules the initramfs loads are installed. No
+    release is named here, so a kernel package update (6.1.0-56 -> 6.1.0-57) changes nothing.
+    """
+    override = os.environ.get(KERNEL_OVERRIDE) if override is None else override
+    if override:
+        release = override
+        if "/" in override:  # a path to an image: its directory is the boot directory
+            image = Path(override)
+            boot, release = image.parent, image.name.removeprefix("vmlinuz-")
+        problem = kernel_problem(release, boot, modules)
+        if problem:
+            raise VMUnavailable(f"{KERNEL_OVERRIDE}={override} cannot be used: {problem}")
+        return Kernel(release, boot / f"vmlinuz-{release}", modules / release)
+    images = sorted(boot.glob("vmlinuz-*"), key=lambda p: release_order(p.name), reverse=True)
+    looked_at: list[str] = []
+    for image in images:
+        release = image.name.removeprefix("vmlinuz-")
+        problem = kernel_problem(release, boot, modules)
+        if problem is None:
+            return Kernel(release, image, modules / release)
+        looked_at.append(f"  {release}: {problem}")
+    seen = "\n".join(looked_at) if looked_at else f"  no {boot}/vmlinuz-* at all"
+    raise VMUnavailable(
+        f"no kernel for the quota guest among {boot}/vmlinuz-*:\n{seen}\n"
+        f"install Debian's stock kernel ({KERNEL_PACKAGE}: its config has {REQUIRED_CONFIG}), "
+        f"or set {KERNEL_OVERRIDE} to a release or vmlinuz path that fits"
+    )
+
+
+@functools.cache
+def guest_kernel() -> Kernel:
+    """The kernel every boot in this test run uses (looked up once)."""
+    return find_kernel()
+
+
+def module_order(wanted: tuple[str, ...], modules_dep: str, builtin: frozenset[str] = frozenset()) -> list[str]:
+    """Module paths (relative to /lib/modules/<release>) with dependencies before their users; built-ins skipped."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in modules_dep.splitlines():
@@ -86,8 +197,7 @@ def module_order(wanted: tuple[str, ...], modules_dep: str) -> list[str]:
             continue
         path, rest = line.split(":", 1)
         deps[path] = rest.split()
-        name = os.path.basename(path).split(".ko")[0]
-        by_name[name] = by_name[name.replace("-", "_")] = path
+        by_name[module_name(path)] = path
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -98,10 +208,24 @@ def module_order(wanted: tuple[str, ...], modules_dep: str) -> list[str]:
         order.append(path)
 
     for name in wanted:
-        if name not in by_name:
-            raise VMUnavailable(f"module {name} not found in modules.dep of {KERNEL_RELEASE}")
-        visit(by_name[name])
+        key = name.replace("-", "_")
+        if key in by_name:
+            visit(by_name[key])
+        elif key not in builtin:
+            raise VMUnavailable(f"module {name} is neither in modules.dep nor built in")
     return order
+
+
+def read_module(path: Path) -> bytes:
+    """A module's ELF bytes, decompressed when Debian shipped it compressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dcq"], input=data, capture_output=True, check=True).stdout
+    return data
 
 
 def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
@@ -121,33 +245,31 @@ def cpio_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
     return b"".join(out)
 
 
-def build_initramfs(cache_dir: Path = CACHE_DIR, release: str = KERNEL_RELEASE) -> Path:
-    """The base initramfs (init, busybox, modules), built once and reused while its inputs are unchanged."""
-    moddir = Path("/lib/modules") / release
-    if not (moddir / "modules.dep").exists():
-        raise VMUnavailable(f"{moddir}/modules.dep missing: install linux-image for {release}")
-    if not BUSYBOX.exists():
-        raise VMUnavailable(f"{BUSYBOX} missing: install busybox-static")
-    order = module_order(WANTED_MODULES, (moddir / "modules.dep").read_text())
-    key = hashlib.sha256("\n".join([INIT, release, *order, str(BUSYBOX.stat().st_mtime)]).encode()).hexdigest()
-    target = cache_dir / f"initramfs-{release}-{key[:16]}.cpio"
-    if target.exists():
-        return target
+def build_initramfs(kernel: Kernel, busybox: Path = BUSYBOX) -> bytes:
+    """The base initramfs (init, busybox, the kernel's modules, decompressed), built afresh for every boot.
+
+    No cache: it takes tens of milliseconds, and a cache would need a key that notices every module and busybox
+    update.
+    """
+    if not busybox.exists():
+        raise VMUnavailable(f"{busybox} missing: install busybox-static")
+    dep = (kernel.moddir / "modules.dep").read_text()
+    try:
+        order = module_order(WANTED_MODULES, dep, frozenset(builtin_modules(kernel.moddir)))
+    except VMUnavailable as exc:
+        raise VMUnavailable(f"{kernel.moddir}: {exc}") from None
+    names = [module_name(path) + ".ko" for path in order]
     files: dict[str, tuple[int, bytes]] = {
         "bin": (0o40755, b""),
         "lib": (0o40755, b""),
         "lib/modules": (0o40755, b""),
         "init": (0o100755, INIT.encode()),
-        "bin/busybox": (0o100755, BUSYBOX.read_bytes()),
-        "modules.order": (0o100644, "\n".join(os.path.basename(p) for p in order).encode() + b"\n"),
+        "bin/busybox": (0o100755, busybox.read_bytes()),
+        "modules.order": (0o100644, "".join(f"{name}\n" for name in names).encode()),
     }
-    for path in order:
-        files[f"lib/modules/{os.path.basename(path)}"] = (0o100644, (moddir / path).read_bytes())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(cpio_archive(files))
-    tmp.replace(target)
-    return target
+    for name, path in zip(names, order, strict=True):
+        files[f"lib/modules/{name}"] = (0o100644, read_module(kernel.moddir / path))
+    return cpio_archive(files)
 
 
 def parse_console(console: str) -> tuple[int, str]:
@@ -171,22 +293,20 @@ def kept_paths() -> str:
 
 def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, share: str = "/") -> VMResult:
     """Boot the guest, run `script` with /bin/sh chrooted into the host's `share` (read-only), power off."""
-    kernel = Path(f"/boot/vmlinuz-{KERNEL_RELEASE}")
-    if not kernel.exists():
-        raise VMUnavailable(f"{kernel} missing: install linux-image-amd64")
+    kernel = guest_kernel()
     if shutil.which(QEMU) is None:
         raise VMUnavailable(f"{QEMU} not found: install qemu-system-x86")
-    base = build_initramfs()
+    base = build_initramfs(kernel)
     with tempfile.TemporaryDirectory(prefix="vmkit-") as tmp:
         initrd = Path(tmp) / "initrd.cpio"
-        # The kernel unpacks concatenated archives in order: the per-run script rides on the cached base.
+        # The kernel unpacks concatenated archives in order: the per-run script rides on the base.
         extra = {"script.sh": (0o100755, script.encode()), "keep.list": (0o100644, kept_paths().encode())}
-        initrd.write_bytes(base.read_bytes() + cpio_archive(extra))
+        initrd.write_bytes(base + cpio_archive(extra))
         console = Path(tmp) / "console.log"
         command = [
             QEMU, "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-no-reboot",
             "-display", "none", "-monitor", "none", "-serial", f"file:{console}",
-            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-kernel", str(kernel.image), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
             "-fsdev", f"local,id=hostroot,path={share},security_model=passthrough,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
@@ -205,5 +325,5 @@ def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, shar
         if proc.returncode != 0 and BEGIN not in log:
             raise VMUnavailable(f"qemu exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
         status, output = parse_console(log)
-    where = f"ran in qemu TCG guest, kernel {KERNEL_RELEASE} (host {platform.release()}), {seconds:.1f}s"
-    return VMResult(status, output, seconds, where)
+    where = f"ran in qemu TCG guest, kernel {kernel.release} (host {platform.release()}), {seconds:.1f}s"
+    return VMResult(status, output, seconds, where, kernel.release)

@@ -111,7 +111,7 @@ def test_guest_ran_the_scenario_on_a_quota_capable_kernel() -> None:
     result, values = guest()
     print(result.where)
     assert result.status == 0, result.output
-    assert values["KERNEL"] == vmkit.KERNEL_RELEASE and values["XQMSTAT"] == "yes"
+    assert values["KERNEL"] == result.kernel and values["XQMSTAT"] == "yes"
     assert values["QUOTAS_ENFORCED"] == "True"
 
 
