@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from importer.deadline import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_WINDOW, DEFAULT_STALL_TIMEOUT, Deadlines
 from importer.errors import ConfigError, ImporterError, ScratchSpaceRequired
 from importer.fetch import DEFAULT_CONNECTIONS
 from importer.pipeline import Checksum
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--metrics-address", help="HOST:PORT to serve kubevirt_cdi_import_progress_total on")
     imp.add_argument("--owner-uid", help="ownerUID label of the progress metric [OWNER_UID]")
     imp.add_argument("--termination-log", type=Path, help="where the JSON result goes [/dev/termination-log]")
-    imp.add_argument("--stall-timeout", type=float, default=60.0, help="seconds without data before reconnecting")
+    imp.add_argument("--stall-timeout", help="fail when the source sends nothing for this many seconds, across "
+                     f"reconnections; 0 disables [IMPORTER_STALL_TIMEOUT, {DEFAULT_STALL_TIMEOUT:g}]")
+    imp.add_argument("--min-rate", help="fail when the source averages fewer bytes/s than this over --min-rate-window "
+                     f"(a quantity such as 1Ki); 0 disables [IMPORTER_MIN_RATE, {DEFAULT_MIN_RATE}]")
+    imp.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
+                     f"[IMPORTER_MIN_RATE_WINDOW, {DEFAULT_MIN_RATE_WINDOW:g}]")
     imp.add_argument("--retries", type=int, default=5, help="reconnections without progress before failing")
     imp.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled each time")
     imp.add_argument("--qcow2-reader", choices=("native", "qemu-img"), default="native",
@@ -75,10 +81,15 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only, as CDI's strconv.Atoi reads them ("²".isdigit() is true, but int() refuses it)."""
+    return text.isascii() and text.isdigit()
+
+
 def extra_headers_from_env(env: Mapping[str, str]) -> list[str]:
     """IMPORTER_EXTRA_HEADER_0, _1, ... in numeric order."""
     numbered = [(int(k[len(EXTRA_HEADER_PREFIX):]), v) for k, v in env.items()
-                if k.startswith(EXTRA_HEADER_PREFIX) and k[len(EXTRA_HEADER_PREFIX):].isdigit()]
+                if k.startswith(EXTRA_HEADER_PREFIX) and _is_number(k[len(EXTRA_HEADER_PREFIX):])]
     return [value for _, value in sorted(numbered)]
 
 
@@ -103,11 +114,32 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _seconds(text: str, name: str, allow_zero: bool = True) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise ConfigError(f"invalid {name} {text!r}: expected a number of seconds") from err
+    if value < 0 or (value == 0 and not allow_zero) or value != value or value == float("inf"):
+        raise ConfigError(f"invalid {name} {text!r}: expected a {'non-negative' if allow_zero else 'positive'} "
+                          "number of seconds")
+    return value
+
+
+def deadlines_from(args: argparse.Namespace, env: Mapping[str, str]) -> Deadlines:
+    """--stall-timeout, --min-rate, --min-rate-window, each falling back to its IMPORTER_* variable."""
+    stall = args.stall_timeout or env.get("IMPORTER_STALL_TIMEOUT") or str(DEFAULT_STALL_TIMEOUT)
+    rate = args.min_rate or env.get("IMPORTER_MIN_RATE") or str(DEFAULT_MIN_RATE)
+    window = args.min_rate_window or env.get("IMPORTER_MIN_RATE_WINDOW") or str(DEFAULT_MIN_RATE_WINDOW)
+    return Deadlines(_seconds(stall, "stall timeout"), parse_quantity(rate.strip()),
+                     _seconds(window, "minimum-rate window", allow_zero=False))
+
+
 def build_source(args: argparse.Namespace, env: Mapping[str, str]) -> Source:
     kind = (args.source or env.get("IMPORTER_SOURCE") or "").strip().lower()
     endpoint = args.endpoint or env.get("IMPORTER_ENDPOINT", "")
     if not kind:
         kind = "file" if endpoint.startswith("file:") or endpoint.startswith("/") else "http"
+    deadlines = deadlines_from(args, env)  # validated even where unused, so a typo is never silently ignored
     if kind in ("none", "blank"):
         return BlankSource()
     if kind in LATER_SOURCES:
@@ -128,7 +160,9 @@ def build_source(args: argparse.Namespace, env: Mapping[str, str]) -> Source:
         username=user,
         password=password,
         headers=[parse_header(h) for h in headers],
-        stall_timeout=args.stall_timeout,
+        stall_timeout=deadlines.stall_timeout,
+        min_rate=deadlines.min_rate,
+        min_rate_window=deadlines.min_rate_window,
         retries=args.retries,
         retry_delay=args.retry_delay,
     )

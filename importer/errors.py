@@ -52,3 +52,7 @@ class ScratchSpaceRequired(ImporterError):
 
 class ToolError(ImporterError):
     """An external tool (qemu-img, nbdkit, a decompressor) failed; carries its last words."""
+
+
+class ProgressStopped(TransferError):
+    """The source stopped sending (stall timeout) or sends too slowly (minimum rate over a window)."""

@@ -7,9 +7,7 @@ import functools
 import logging
 import os
 import resource
-import shutil
 import subprocess
-import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -17,7 +15,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from hpp_csi.safe_open import open_dir
 from importer import formats, qcow2, qemu_img
+from importer.archive import extract_tar
+from importer.deadline import ProcessWatchdog
 from importer.errors import ConfigError, ImageTooLarge, InvalidImage, ScratchSpaceRequired, ToolError
 from importer.fetch import DEFAULT_CONNECTIONS, Fetcher, plan
 from importer.pipeline import (
@@ -282,7 +283,7 @@ class ImportProcessor:
                                        dest_is_block=req.target.is_block)
         progress = req.progress.range(50, 100) if self.route is Route.SCRATCH else req.progress.range(0, 100)
         with WritebackPacer(self.work):
-            run_with_progress(cmd, progress.set)
+            run_with_progress(cmd, progress.set, self._watchdog)
         return Phase.RESIZE
 
     def _resize(self) -> Phase:
@@ -380,8 +381,7 @@ class ImportProcessor:
         """
         cmd = qemu_img.info_command(source, self.fmt)
         try:
-            done = subprocess.run(cmd, capture_output=True, timeout=self.req.info_timeout, preexec_fn=_info_limits,
-                                  check=False)
+            done = self._run_tool(cmd, self.req.info_timeout)
         except subprocess.TimeoutExpired as err:
             raise InvalidImage(f"qemu-img info did not finish within {self.req.info_timeout:.0f}s") from err
         if done.returncode != 0:
@@ -402,14 +402,34 @@ class ImportProcessor:
             return
         # qemu-img reads past the end of a local file as zeros: a truncated image would convert "successfully".
         try:
-            done = subprocess.run(qemu_img.check_command(source, self.fmt), capture_output=True, check=False,
-                                  timeout=CHECK_TIMEOUT, preexec_fn=_info_limits)
+            done = self._run_tool(qemu_img.check_command(source, self.fmt), CHECK_TIMEOUT)
         except subprocess.TimeoutExpired as err:
             raise InvalidImage(f"qemu-img check did not finish within {CHECK_TIMEOUT:.0f}s") from err
         problem = qemu_img.check_problem(done.returncode, done.stdout.decode(errors="replace"),
                                          done.stderr.decode(errors="replace"))
         if problem:
             raise InvalidImage(f"{self.fmt} image failed its consistency check: {problem}")
+
+    def _watchdog(self, proc: subprocess.Popen[bytes]) -> ProcessWatchdog:
+        """Ends a qemu-img reading the source through nbdkit when the source stops making progress."""
+        served = getattr(self.req.source, "served", None)
+        if self.route is not Route.DIRECT or served is None:
+            return ProcessWatchdog(proc, None, None)
+        return ProcessWatchdog(proc, self.req.source.watch, served.poll)
+
+    def _run_tool(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """qemu-img info/check under limits and a timeout, watched like the transfer itself."""
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_info_limits)
+        with self._watchdog(proc) as watchdog:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except BaseException:
+                proc.kill()
+                proc.communicate()
+                raise
+        watchdog.raise_if_fired()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     def _stream_into_target(self) -> None:
         req = self.req
@@ -464,16 +484,17 @@ class ImportProcessor:
     def _extract_archive(self) -> None:
         req = self.req
         assert self.layers is not None and isinstance(req.target, FileTarget)
-        staging = req.target.path / f".archive.{uuid.uuid4().hex[:12]}.part"
-        staging.mkdir()
+        dest_fd = open_dir(req.target.path)
         try:
-            extract_tar(self.layers.open(), staging, self.usable)
-            if req.checksum is not None:
-                req.checksum.verify()
-            for entry in sorted(staging.iterdir()):
-                os.replace(entry, req.target.path / entry.name)
+            extraction = extract_tar(self.layers.open(), dest_fd, self.usable)
+            try:
+                if req.checksum is not None:
+                    req.checksum.verify()
+            except BaseException:
+                extraction.undo()
+                raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            os.close(dest_fd)
 
 
 def _no_compressed_segments(data: bytes, segment: Segment) -> bytes:
@@ -486,26 +507,6 @@ def copy(reader: Reader, writer: SparseWriter) -> None:
             background.write(chunk)
 
 
-def extract_tar(reader: Reader, directory: Path, limit: int) -> None:
-    """Extract a tar stream, refusing members that escape the directory, links out, devices, and bombs."""
-    total = 0
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                try:
-                    if member.name.startswith("/"):  # data_filter would strip the slash; we refuse outright
-                        raise tarfile.AbsolutePathError(member)
-                    safe = tarfile.data_filter(member, str(directory))
-                except tarfile.FilterError as err:
-                    raise InvalidImage(f"unsafe tar member {member.name!r}: {err}") from err
-                total += member.size
-                if total > limit:
-                    raise ImageTooLarge(total, limit, at_least=True)
-                tar.extract(safe, directory, filter="fully_trusted")
-    except tarfile.TarError as err:
-        raise InvalidImage(f"invalid tar archive: {err}") from err
-
-
 def fallocate_supported(directory: Path) -> bool:
     """Whether the filesystem holding directory implements fallocate(2) (so preallocation=falloc works)."""
     with tempfile.TemporaryFile(dir=directory) as probe:
@@ -516,8 +517,12 @@ def fallocate_supported(directory: Path) -> bool:
             return False
 
 
-def run_with_progress(cmd: list[str], on_percent: Callable[[float], None]) -> None:
-    """Run qemu-img convert -p, forwarding its percentages; a failure carries qemu-img's last error line."""
+def run_with_progress(cmd: list[str], on_percent: Callable[[float], None],
+                      watchdog: Callable[[subprocess.Popen[bytes]], ProcessWatchdog] | None = None) -> None:
+    """Run qemu-img convert -p, forwarding its percentages; a failure carries qemu-img's last error line.
+
+    watchdog, when given, kills it once the source stops making progress, and its reason wins.
+    """
     log.debug("running %s", " ".join(cmd))
     with tempfile.TemporaryFile() as stderr:
         try:
@@ -525,18 +530,21 @@ def run_with_progress(cmd: list[str], on_percent: Callable[[float], None]) -> No
         except OSError as err:
             raise ToolError(f"cannot run {cmd[0]}: {err}") from err
         assert proc.stdout is not None
+        guard = watchdog(proc) if watchdog is not None else ProcessWatchdog(proc, None, None)
         try:
-            while data := os.read(proc.stdout.fileno(), 4096):
-                percent = qemu_img.parse_progress(data)
-                if percent is not None:
-                    on_percent(percent)
-            proc.wait()
+            with guard:
+                while data := os.read(proc.stdout.fileno(), 4096):
+                    percent = qemu_img.parse_progress(data)
+                    if percent is not None:
+                        on_percent(percent)
+                proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         finally:
             proc.stdout.close()
+        guard.raise_if_fired()
         if proc.returncode != 0:
             stderr.seek(0)
             raise ToolError(f"{cmd[0]} {cmd[1]} failed: {_last_line(stderr.read())}")

@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from importer.deadline import ProgressWatch
 from importer.pipeline import Reader
 
 
@@ -23,6 +24,7 @@ class Source(abc.ABC):
     """An endpoint serving the image bytes exactly as stored (compressed or not)."""
 
     description: str = "source"
+    watch: ProgressWatch | None = None  # the progress deadlines of a remote source; None for local ones
 
     @abc.abstractmethod
     def probe(self) -> SourceInfo:

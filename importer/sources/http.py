@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from importer.deadline import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_MIN_RATE_WINDOW,
+    DEFAULT_STALL_TIMEOUT,
+    Deadlines,
+    NbdkitLogCounter,
+    ProgressWatch,
+)
 from importer.errors import ConfigError, SourceError, ToolError, TransferError
 from importer.formats import HEADER_SIZE
 from importer.pipeline import read_full
@@ -36,10 +44,21 @@ class HttpOptions:
     username: str | None = None
     password: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
-    stall_timeout: float = 60.0  # seconds without a byte before a connection counts as dropped
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # seconds without a byte, across reconnections, before failing
+    min_rate: int = DEFAULT_MIN_RATE  # bytes/s the source must average over min_rate_window
+    min_rate_window: float = DEFAULT_MIN_RATE_WINDOW
     retries: int = 5  # consecutive failures without progress before giving up
     retry_delay: float = 1.0  # first backoff; doubles on each consecutive failure
     max_redirects: int = 10
+
+    @property
+    def deadlines(self) -> Deadlines:
+        return Deadlines(self.stall_timeout, self.min_rate, self.min_rate_window)
+
+    @property
+    def io_timeout(self) -> float:
+        """One socket operation's timeout: half the stall timeout, so a dead connection is retried once in time."""
+        return self.stall_timeout / 2 if self.stall_timeout > 0 else DEFAULT_STALL_TIMEOUT
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -51,16 +70,23 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 class HttpSource(Source):
+    watch: ProgressWatch
+
     def __init__(self, url: str, options: HttpOptions | None = None) -> None:
-        parts = urlsplit(url)
+        try:  # urlsplit and .port raise ValueError on "http://[" or a port above 65535
+            parts = urlsplit(url)
+            origin = (parts.scheme, parts.hostname, parts.port)
+        except ValueError as err:
+            raise ConfigError(f"invalid HTTP endpoint {url!r}: {err}") from err
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"invalid HTTP endpoint {url!r}: expected http:// or https:// with a host")
         self.url = url
         self.options = options or HttpOptions()
         self.description = url
-        self._origin = (parts.scheme, parts.hostname, parts.port)
+        self._origin = origin
         self._ssl = self._ssl_context()  # also for a redirect from http:// to https://
         self.size: int | None = None  # as probed; ranged reads check every answer against it
+        self.watch = ProgressWatch(self.options.deadlines)
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
@@ -100,15 +126,16 @@ class HttpSource(Source):
     def get(self, offset: int | None = None, end: int | None = None) -> http.client.HTTPResponse:
         """GET following redirects; returns a 200, 206 or 416 response, raises SourceError for the rest."""
         url = self.url
+        chain = [url]
         for _ in range(self.options.max_redirects + 1):
             parts = urlsplit(url)
             conn: http.client.HTTPConnection
             if parts.scheme == "https":
                 conn = http.client.HTTPSConnection(
-                    parts.hostname or "", parts.port, timeout=self.options.stall_timeout, context=self._ssl
+                    parts.hostname or "", parts.port, timeout=self.options.io_timeout, context=self._ssl
                 )
             else:
-                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.stall_timeout)
+                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.io_timeout)
             path = parts.path or "/"
             if parts.query:
                 path += "?" + parts.query
@@ -123,35 +150,39 @@ class HttpSource(Source):
                 conn.close()
                 raise
             if resp.status in _REDIRECTS and resp.getheader("Location"):
-                url = urljoin(url, resp.getheader("Location", ""))
                 conn.close()
+                url = next_hop(url, resp.status, resp.getheader("Location", ""), chain)
+                chain.append(url)
                 continue
             if resp.status in (200, 206, 416):
                 return resp
             conn.close()
             hint = " (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY)" if resp.status in (401, 403) else ""
             raise SourceError(f"GET {url}: HTTP {resp.status} {resp.reason}{hint}")
-        raise SourceError(f"GET {self.url}: more than {self.options.max_redirects} redirects")
+        raise SourceError(f"GET {self.url}: too many redirects (more than {self.options.max_redirects}): "
+                          f"{' -> '.join(chain[:3])} -> ... -> {chain[-1]}")
 
     def probe(self) -> SourceInfo:
         failures = 0
         while True:
             try:
-                resp = self.get(0, HEADER_SIZE - 1)
-                break
+                return self._probe_once()
             except (OSError, http.client.HTTPException) as err:
+                self.watch.check()
                 failures += 1
                 if failures > self.options.retries:
-                    raise SourceError(f"cannot reach {self.url}: {err}") from err
-                time.sleep(self.options.retry_delay * 2 ** (failures - 1))
-        with contextlib.closing(resp):
+                    raise SourceError(f"cannot reach {self.url}: {_describe(err)}") from err
+                time.sleep(min(self.options.retry_delay * 2 ** (failures - 1), max(0.0, self.watch.stall_left())))
+
+    def _probe_once(self) -> SourceInfo:
+        with contextlib.closing(self.get(0, HEADER_SIZE - 1)) as resp:
             if resp.status == 416:  # an empty file cannot satisfy bytes=0-511
                 return SourceInfo(size=0, random_access=False, header=b"")
             total = _total_size(resp)
             # nbdkit's curl plugin refuses servers that do not say Accept-Ranges: bytes, even if they honour Range.
             accepts = resp.getheader("Accept-Ranges", "").strip().lower() == "bytes"
             random_access = resp.status == 206 and accepts
-            header = read_full(resp, HEADER_SIZE)
+            header = read_full(_WatchedResponse(resp, self.watch), HEADER_SIZE)
         self.size = total
         return SourceInfo(size=total, random_access=random_access, header=header)
 
@@ -169,11 +200,16 @@ class HttpSource(Source):
         sock = workdir / "nbdkit.sock"
         logfile = workdir / "nbdkit.log"
         opts = self.options
+        requests = workdir / "nbdkit-requests.log"
+        # The log filter records every read nbdkit answers: how the deadlines see progress on this route.
+        # protocols= also limits redirects: curl never follows one to file:// or anything but HTTP(S).
         cmd = [
             "nbdkit", "--exit-with-parent", "--foreground", "--readonly", "--unix", str(sock),
-            "--filter=retry", "curl", f"url={self.url}", f"timeout={max(1, int(opts.stall_timeout))}",
+            "--filter=log", "--filter=retry", "curl", f"url={self.url}", "protocols=http,https", f"logfile={requests}",
             f"retries={opts.retries}", f"retry-delay={max(1, round(opts.retry_delay))}",
         ]
+        if opts.stall_timeout > 0:
+            cmd.append(f"timeout={max(1, round(opts.stall_timeout))}")
         if opts.username is not None:
             secret = workdir / "password"
             secret.touch(mode=0o600)
@@ -199,6 +235,7 @@ class HttpSource(Source):
                 raise ToolError(f"nbdkit did not start: {last_line(logfile)}")
             time.sleep(0.02)
         self.nbdkit_log = logfile
+        self.served = NbdkitLogCounter(requests)
         return f"nbd+unix:///?socket={sock}"
 
 
@@ -253,10 +290,13 @@ class HttpStream:
                 if self._resp is None:
                     self._connect()
                 assert self._resp is not None
-                data = self._resp.read(size)
+                # read1: whatever arrived, so a trickling server is measured instead of waited for.
+                data = self._resp.read1(size)
                 if data:
                     self._pos += len(data)
                     self._failures = 0
+                    self._source.watch.received(len(data))
+                    self._source.watch.check()
                     return data
                 until = self._size if self._end is None else self._end
                 if until is not None and self._pos < until:
@@ -264,6 +304,7 @@ class HttpStream:
                 return b""
             except (OSError, http.client.HTTPException) as err:
                 self._drop()
+                self._source.watch.check()
                 self._failures += 1
                 self._last_error = _describe(err)
                 if self._failures > self._opts.retries:
@@ -273,6 +314,7 @@ class HttpStream:
                         f"{self._opts.retries} retries: {self._last_error}"
                     ) from err
                 delay = self._opts.retry_delay * 2 ** (self._failures - 1)
+                delay = min(delay, max(0.0, self._source.watch.stall_left()))
                 log.warning("download interrupted at byte %d (%s); retrying in %.1fs", self._pos, err, delay)
                 time.sleep(delay)
 
@@ -311,10 +353,12 @@ class HttpStream:
             # No Range support: start over and throw away what we already have (bounded by the retries).
             skip = self._pos
             while skip:
-                chunk = resp.read(min(skip, 1024 * 1024))
+                chunk = resp.read1(min(skip, 1024 * 1024))
                 if not chunk:
                     raise http.client.IncompleteRead(b"", skip)
                 skip -= len(chunk)
+                self._source.watch.received(len(chunk))
+                self._source.watch.check()
 
     def _drop(self) -> None:
         if self._resp is not None:
@@ -324,6 +368,38 @@ class HttpStream:
 
     def close(self) -> None:
         self._drop()
+
+
+def next_hop(url: str, status: int, location: str, chain: list[str]) -> str:
+    """Where a redirect leads; only to http(s) and never back to a URL already visited."""
+    try:
+        target = urljoin(url, location)
+        parts = urlsplit(target)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or bracket: not a URL we can follow
+        valid = False
+    if not valid:
+        raise SourceError(f"refusing redirect from {url} (HTTP {status}) to {location!r}: only http:// and https:// "
+                          "URLs with a host are followed")
+    if target in chain:
+        raise SourceError(f"redirect loop: {' -> '.join([*chain[chain.index(target):], target])}")
+    return target
+
+
+class _WatchedResponse:
+    """A response read in whatever pieces arrive, each counted by the watch (the probe's 512 bytes)."""
+
+    def __init__(self, resp: http.client.HTTPResponse, watch: ProgressWatch) -> None:
+        self._resp, self._watch = resp, watch
+
+    def read(self, size: int, /) -> bytes:
+        data = self._resp.read1(size)
+        self._watch.received(len(data))
+        self._watch.check()
+        return data
+
+    def close(self) -> None:
+        self._resp.close()
 
 
 def _describe(err: BaseException) -> str:

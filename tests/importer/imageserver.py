@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,22 @@ class Route:
     auth: tuple[str, str] | None = None  # required basic-auth user and password
     drop_at: int | None = None  # close the connection after this many body bytes ...
     drops: int = 1  # ... this many times
-    stall_at: int | None = None  # stop sending (but keep the connection) after this many bytes, once
+    stall_at: int | None = None  # stop sending (but keep the connection) after this many bytes ...
     stall_seconds: float = 5.0
+    stalls: int = 1  # ... on this many responses
+    trickle_at: int | None = None  # past this byte, send one byte every trickle_interval seconds
+    trickle_interval: float = 0.5
     extra_length: int = 0  # announce this many more bytes than exist, then close (a lying Content-Length)
     redirect_to: str | None = None  # answer 302 to this path instead
     required_headers: dict[str, str] = field(default_factory=dict)
     rate: int | None = None  # pace every response to this many bytes per second (a network-like link)
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the client hung up (it gave up on a stalled or trickling answer): nothing to report
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class ImageServer:
@@ -41,7 +52,7 @@ class ImageServer:
         self.requests: list[tuple[str, str, str | None, dict[str, str]]] = []
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_state": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
@@ -136,12 +147,20 @@ class _Handler(BaseHTTPRequestHandler):
         if route.drop_at is not None and route.drops > 0 and start < route.drop_at < start + length:
             route.drops -= 1
             limit, close = route.drop_at - start, True
-        stall = route.stall_at is not None and start < route.stall_at < start + length
+        stall = route.stall_at is not None and start <= route.stall_at < start + length
         if stall:
             limit = route.stall_at - start  # type: ignore[operator]
-        self._send_file(route.path, start, min(limit, length), route.rate)
+        count = min(limit, length)
+        if route.trickle_at is not None and start + count > route.trickle_at:
+            fast = max(0, route.trickle_at - start)
+            self._send_file(route.path, start, fast, route.rate)
+            self._send_trickle(route.path, start + fast, count - fast, route.trickle_interval)
+        else:
+            self._send_file(route.path, start, count, route.rate)
         if stall:
-            route.stall_at = None
+            route.stalls -= 1
+            if route.stalls <= 0:
+                route.stall_at = None
             time.sleep(route.stall_seconds)
             close = True
         if close:
@@ -171,6 +190,18 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 offset += sent
                 count -= sent
+
+    def _send_trickle(self, path: Path, offset: int, count: int, interval: float) -> None:
+        """One byte at a time: the server that never stalls long enough to time out, and never finishes."""
+        with path.open("rb") as f:
+            f.seek(offset)
+            try:
+                for _ in range(count):
+                    self.wfile.write(f.read(1))
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except OSError:
+                pass  # the client gave up
 
     def _send_paced(self, fd: int, offset: int, count: int, rate: int) -> None:
         """sendfile in 256 KiB slices, sleeping so that the response never runs ahead of rate bytes/s."""
