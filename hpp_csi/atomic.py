@@ -11,7 +11,7 @@ TMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -21,7 +21,9 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     """After a crash at any point `path` holds either its old content or `data`, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    # O_NOFOLLOW and O_NONBLOCK: a symlink or FIFO found at the temporary name fails at once (ELOOP, ENXIO)
+    # instead of being written through or blocking the call forever.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:

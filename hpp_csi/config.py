@@ -70,7 +70,11 @@ def _parse_pvc_template(raw: Any, where: str) -> PvcTemplate:
     modes = raw.get("accessModes", ["ReadWriteOnce"])
     if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
         raise ConfigError(f"{where}.pvcTemplate.accessModes must be a list of strings")
-    storage = ((raw.get("resources") or {}).get("requests") or {}).get("storage")
+    resources = raw.get("resources") or {}
+    requests = (resources.get("requests") or {}) if isinstance(resources, dict) else None
+    if not isinstance(requests, dict):
+        raise ConfigError(f"{where}.pvcTemplate.resources.requests must be a mapping such as {{storage: 10Gi}}")
+    storage = requests.get("storage")
     try:
         storage_bytes = parse_bytes(storage) if storage is not None else None
     except ValueError as exc:
@@ -127,7 +131,7 @@ def parse_datadir(text: str) -> list[PoolConfig]:
     """HPP's --datadir: a JSON array of {"name", "path"}; volumes live directly under path."""
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(f"--datadir is not valid JSON ({exc}); expected [{{\"name\": ..., \"path\": ...}}]") from exc
     if not isinstance(raw, list):
         raise ConfigError('--datadir must be a JSON array such as [{"name": "legacy", "path": "/var/hpvolumes"}]')
@@ -140,7 +144,8 @@ def parse_cr(text: str, source: str = "config") -> list[PoolConfig]:
 
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    # ValueError: a scalar YAML resolves but cannot build (a date like 2001-13-01); RecursionError: deep nesting.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: expected a {CR_KIND} object")

@@ -14,8 +14,17 @@ from hpp_csi.publications import Publications
 from hpp_csi.snapshots import SnapshotManager, SnapshotRecord
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
+from hpp_csi.store import BadEntry
 from hpp_csi.topology import matches, node_topology, requirement_allows
-from hpp_csi.volumes import POOL_PARAMETER, CreateSpec, Source, Volume, VolumeManager, resolve_capacity
+from hpp_csi.volumes import (
+    POOL_PARAMETER,
+    CreateSpec,
+    Source,
+    Volume,
+    VolumeManager,
+    resolve_capacity,
+    unusable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +59,14 @@ def decode_token(token: str) -> str:
         ) from None
 
 
-def condition(volume: Volume) -> csi.VolumeCondition:
-    if not volume.exists_on_disk():
-        return csi.VolumeCondition(abnormal=True, message=f"volume data {volume.path} is missing")
+def condition(volume: Volume, bad: list[BadEntry] | None = None) -> csi.VolumeCondition:
+    """Abnormal when the volume's data is not what its record says, or an entry of it is bad (named in full)."""
+    problems = [f"{entry.path} {entry.reason}" for entry in bad or []]
+    problem = volume.data_problem()
+    if problem:
+        problems.insert(0, f"volume data {volume.path} {problem}")
+    if problems:
+        return csi.VolumeCondition(abnormal=True, message="; ".join(problems))
     return csi.VolumeCondition(abnormal=False, message="volume is healthy")
 
 
@@ -95,8 +109,11 @@ class ControllerService(csi_grpc.ControllerServicer):
     def _status(self, volume: Volume, publications: Publications) -> csi.ControllerGetVolumeResponse.VolumeStatus:
         published = [self.node_id] if publications.of_volume(volume.path, volume.record.mode) else []
         return csi.ControllerGetVolumeResponse.VolumeStatus(
-            published_node_ids=published, volume_condition=condition(volume)
+            published_node_ids=published, volume_condition=self.condition(volume)
         )
+
+    def condition(self, volume: Volume) -> csi.VolumeCondition:
+        return condition(volume, self.manager.bad_entries.of_volume(volume.volume_id))
 
     def CreateVolume(self, request: csi.CreateVolumeRequest, context: grpc.ServicerContext) -> csi.CreateVolumeResponse:
         volume_id = names.volume_id(request.name, "name")
@@ -164,8 +181,9 @@ class ControllerService(csi_grpc.ControllerServicer):
             volume = self.manager.get(content_source["volume"])
             found_mode, path, capacity = volume.record.mode, volume.path, volume.record.capacity_bytes
             description = f"volume {volume.volume_id!r}"
-            if not volume.exists_on_disk():
-                raise errors.not_found(f"source volume {volume.volume_id!r} has no data at {volume.path}")
+            problem = volume.data_problem()
+            if problem:
+                raise unusable(f"source {description}", volume.path, problem)
         if found_mode != mode:
             raise errors.invalid_argument(f"{description} is a {found_mode} volume; it cannot fill a {mode} volume")
         return Source(path=path, mode=found_mode, capacity_bytes=capacity, description=description)
@@ -225,7 +243,7 @@ class ControllerService(csi_grpc.ControllerServicer):
                 volume=self.to_message(volume),
                 status=csi.ListVolumesResponse.VolumeStatus(
                     published_node_ids=self._status(volume, publications).published_node_ids,
-                    volume_condition=condition(volume),
+                    volume_condition=self.condition(volume),
                 ),
             )
             for volume in volumes

@@ -19,6 +19,7 @@ from pathlib import Path
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_SET_DIRECT_IO = 0x4C08
 LOOP_CONFIGURE = 0x4C0A
@@ -141,6 +142,41 @@ def devices_backing(path: str | os.PathLike[str]) -> list[LoopDevice]:
     return matches
 
 
+def backing_inode(device: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """(major, minor, inode) of the file the kernel holds behind `device` (LOOP_GET_STATUS64), whatever its
+    path names now; None when nothing is attached."""
+    number = _number(device)
+    try:
+        fd = os.open(_device_node(number), os.O_RDONLY | os.O_CLOEXEC)
+    except ValueError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None  # detached and removed by another call meanwhile
+        raise
+    info = LoopInfo64()
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise _failed(exc, f"status of /dev/loop{number}") from exc
+    finally:
+        os.close(fd)
+    return os.major(info.lo_device), os.minor(info.lo_device), int(info.lo_inode)
+
+
+def devices_backing_inode(st_dev: int, st_ino: int, under: str | os.PathLike[str] | None = None) -> list[LoopDevice]:
+    """Loop devices whose backing file is the inode (st_dev, st_ino), e.g. from fstat of a descriptor; asked
+    of the kernel, not through the backing file's name, so renames and symlinks there change nothing.
+
+    `under` (a folder the file stays in) limits the devices opened to ask: each open delays a detach another
+    process asks for at that moment, so other people's devices are left alone."""
+    wanted = (os.major(st_dev), os.minor(st_dev), st_ino)
+    prefix = os.path.realpath(under).rstrip("/") + "/" if under is not None else ""
+    return [dev for dev in attached() if dev.backing_file.startswith(prefix) and backing_inode(dev.path) == wanted]
+
+
 def _device_node(number: int) -> str:
     """/dev/loopN, created from sysfs's major:minor when /dev is not a devtmpfs (as in some containers)."""
     node = f"/dev/loop{number}"
@@ -152,9 +188,10 @@ def _device_node(number: int) -> str:
 
 
 def supports_direct_io(path: str | os.PathLike[str]) -> bool:
-    """Whether the filesystem holding `path` accepts O_DIRECT (tmpfs, for one, does not)."""
+    """Whether the filesystem holding `path` accepts O_DIRECT (tmpfs, for one, does not); pass
+    /proc/self/fd/N to ask about an open file without resolving its name again."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return False
@@ -242,18 +279,27 @@ def attach(backing_file: str | os.PathLike[str], read_only: bool = False, autocl
     if autoclear and while_open is None:
         raise ValueError("autoclear needs while_open: the device would detach as soon as attach() closes it")
     path = os.path.abspath(backing_file)
-    use_dio = supports_direct_io(path) if direct_io is None else direct_io
-    flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
-    flags |= LO_FLAGS_DIRECT_IO if use_dio else 0
     file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     try:
-        for _ in range(_ATTACH_ATTEMPTS):
-            device = _attach_once(file_fd, path, flags, while_open)
-            if device is not None:
-                return device
+        return attach_fd(file_fd, path, read_only, autoclear, direct_io, while_open)
     finally:
         os.close(file_fd)
-    raise LoopError(errno.EBUSY, f"attach {path}: every free loop device was taken by someone else first")
+
+
+def attach_fd(file_fd: int, name: str, read_only: bool = False, autoclear: bool = False,
+              direct_io: bool | None = None, while_open: OnAttached | None = None) -> LoopDevice:
+    """attach() for a file already open (O_RDWR, or O_RDONLY for read_only): the device gets exactly that
+    file, whatever its path names by now; `name` is only for messages. The caller keeps `file_fd`."""
+    if autoclear and while_open is None:
+        raise ValueError("autoclear needs while_open: the device would detach as soon as attach() closes it")
+    use_dio = supports_direct_io(f"/proc/self/fd/{file_fd}") if direct_io is None else direct_io
+    flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
+    flags |= LO_FLAGS_DIRECT_IO if use_dio else 0
+    for _ in range(_ATTACH_ATTEMPTS):
+        device = _attach_once(file_fd, name, flags, while_open)
+        if device is not None:
+            return device
+    raise LoopError(errno.EBUSY, f"attach {name}: every free loop device was taken by someone else first")
 
 
 def detach(device: str | os.PathLike[str]) -> bool:

@@ -31,6 +31,13 @@ class PoolCollector(Collector):
         available = GaugeMetricFamily("hpp_csi_pool_available_bytes", "Bytes available for new data", labels=["pool"])
         used = GaugeMetricFamily("hpp_csi_pool_used_bytes", "Bytes used on the pool's filesystem", labels=["pool"])
         volumes = GaugeMetricFamily("hpp_csi_pool_volumes", "Volumes in the pool", labels=["pool"])
+        bad = GaugeMetricFamily(
+            "hpp_csi_bad_entries",
+            "Entries in a pool the driver did not write as they are (left alone; see the driver's log), by kind",
+            labels=["pool", "kind"],
+        )
+        for (pool_name, kind), count in sorted(self.manager.bad_entries.counts().items()):
+            bad.add_metric([pool_name, kind], count)
         counts = self.manager.count_by_pool()
         for name, pool in self.manager.pools.items():
             shared.add_metric([name], 1.0 if self.shared_with_os[name] else 0.0)
@@ -42,7 +49,7 @@ class PoolCollector(Collector):
             total.add_metric([name], capacity.total_bytes)
             available.add_metric([name], capacity.available_bytes)
             used.add_metric([name], capacity.used_bytes)
-        yield from (shared, total, available, used, volumes)
+        yield from (shared, total, available, used, volumes, bad)
 
 
 class DriverMetrics:

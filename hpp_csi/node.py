@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import grpc
 
-from hpp_csi import block_publish, errors, loop, mounts, names
+from hpp_csi import block_publish, errors, mounts, names
 from hpp_csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
+from hpp_csi.block_publish import kind_of
 from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
 from hpp_csi.publications import Publications
+from hpp_csi.safe_open import UnsafePath, open_dir, opened
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
+from hpp_csi.targets import nearest_folder, open_folder, refuse_target_in_pool
 from hpp_csi.topology import node_topology
+from hpp_csi.usage import Usage, tree_usage
 from hpp_csi.volumes import CreateSpec, Volume, VolumeManager
 
 log = logging.getLogger(__name__)
@@ -30,31 +35,6 @@ CAPABILITIES = (
     NodeRPC.EXPAND_VOLUME,
 )
 
-
-@dataclass(frozen=True)
-class Usage:
-    used_bytes: int
-    inodes: int
-
-
-def tree_usage(path: str) -> Usage:
-    """Allocated bytes and inodes under `path`, never following a symlink (a pod may plant them)."""
-    used, inodes = 0, 0
-    stack = [path]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    st = entry.stat(follow_symlinks=False)
-                    used += st.st_blocks * 512
-                    inodes += 1
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-        except FileNotFoundError:
-            continue
-    root = os.lstat(path)
-    return Usage(used + root.st_blocks * 512, inodes + 1)
 
 
 def as_mounted(path: str) -> str:
@@ -82,6 +62,36 @@ def open_dir_nofollow(path: str) -> int:
             raise errors.failed_precondition(f"{path} is a symlink or not a directory; refusing to mount there") \
                 from exc
         raise
+
+
+def _not_a_volume_dir(volume: Volume, what: str) -> errors.CsiError:
+    return errors.failed_precondition(
+        f"volume {volume.volume_id!r}: {volume.path} is a {what}, not the directory the driver made; the driver "
+        "will not follow or use it: move it away and restore the volume's directory, or delete the volume"
+    )
+
+
+def open_volume_dir(volume: Volume) -> int | None:
+    """The filesystem volume's directory opened beneath its pool's descriptor; None when it is missing.
+    Something else in its place (a symlink, a file, a FIFO) is FAILED_PRECONDITION: it is never followed."""
+    try:
+        pool_fd = open_dir(volume.pool.volumes_dir)
+    except UnsafePath as exc:
+        raise errors.failed_precondition(f"storage pool {volume.pool.name!r}: {exc}") from None
+    with opened(pool_fd):
+        try:
+            st = os.stat(volume.volume_id, dir_fd=pool_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):  # checked before opening: opening a FIFO or device can block or act
+            raise _not_a_volume_dir(volume, kind_of(st.st_mode))
+        try:
+            return open_dir(volume.volume_id, dir_fd=pool_fd)
+        except FileNotFoundError:
+            return None
+        except UnsafePath:
+            raise _not_a_volume_dir(volume, "file of another kind (it was replaced while being opened)") from None
+
 
 
 class NodeService(csi_grpc.NodeServicer):
@@ -137,23 +147,32 @@ class NodeService(csi_grpc.NodeServicer):
             log.info("created ephemeral volume %s in pool %s", volume_id, pool.name)
         return volume
 
+    def _check_folder(self, target: str, is_target: bool = False) -> Callable[[int], None]:
+        pools = list(self.manager.pools.values())
+        return lambda fd: refuse_target_in_pool(fd, target, pools, is_target)
+
     def _publish_block(self, volume: Volume, target: str, read_only: bool, mode: int) -> None:
-        if not volume.path.is_file():
+        if not volume.exists_on_disk():
             raise errors.not_found(f"block volume {volume.volume_id!r} has no image at {volume.path}")
+        with opened(block_publish.open_image(volume.path)) as image_fd:
+            devices = block_publish.devices_of(volume.path, block_publish.identity_of(image_fd))
         if mode == AccessMode.SINGLE_NODE_SINGLE_WRITER and not mounts.is_mount_point(target):
-            others = [t for d in loop.devices_backing(volume.path) for t in block_publish.targets_of(d.path)]
+            others = [t for d in devices for t in block_publish.targets_of(d.path)]
             if others:
                 raise errors.failed_precondition(
                     f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
                     f"{', '.join(others)}"
                 )
-        block_publish.publish(volume.path, target, read_only)
+        block_publish.publish(volume.path, target, read_only, self._check_folder(target))
         log.info("published block volume %s at %s", volume.volume_id, target)
 
     def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
         target = as_mounted(target)
         if not volume.exists_on_disk():
             raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
+        with opened(open_folder(nearest_folder(os.path.dirname(target)))) as folder_fd:
+            # before anything is created: a target inside a pool is refused without leaving a folder there
+            refuse_target_in_pool(folder_fd, target, list(self.manager.pools.values()), is_target=False)
         if is_mount_point(target):
             publications = Publications()
             top = mounts_at(target, publications.table)[-1]
@@ -175,32 +194,56 @@ class NodeService(csi_grpc.NodeServicer):
                 )
         if os.path.lexists(target) and not os.path.isdir(target):
             raise errors.failed_precondition(f"{target} exists and is not a directory; a filesystem volume needs one")
+        created = not os.path.lexists(target)
         os.makedirs(target, mode=0o750, exist_ok=True)
-        source_fd = open_dir_nofollow(str(volume.path))
-        target_fd = open_dir_nofollow(target)
+        source_fd = open_volume_dir(volume)
+        if source_fd is None:
+            raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
         try:
-            bind_mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", flags, remount_at=target)
+            with opened(open_dir_nofollow(target)) as target_fd:
+                try:
+                    self._check_folder(target, is_target=True)(target_fd)  # the folder mounted on, not its name
+                except errors.CsiError:
+                    if created:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(target)
+                    raise
+                try:
+                    bind_mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", flags, remount_at=target)
+                except FileNotFoundError:
+                    raise errors.failed_precondition(
+                        f"{target} was removed while it was being published; nothing was mounted, retry"
+                    ) from None
         finally:
             os.close(source_fd)
-            os.close(target_fd)
         log.info("published volume %s at %s%s", volume.volume_id, target, " (read-only)" if flags & MS_RDONLY else "")
 
     # --- unpublish ------------------------------------------------------------------------------------------
     def NodeUnpublishVolume(
         self, request: csi.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi.NodeUnpublishVolumeResponse:
+        """Unmount and remove only what this driver published at the target.
+
+        A target with nothing there, or only what the driver leaves behind (an empty folder or empty file), is
+        OK: CSI makes unpublish idempotent. Anything else at the target (a mount of another volume or another
+        filesystem, a folder with files, a non-empty file, a symlink or special file) answers FAILED_PRECONDITION
+        and is left exactly as it is: OK would tell kubelet the target is clean while it still holds someone
+        else's data, and kubelet retries and reports the error where a person sees it.
+        """
         volume_id = names.volume_id(request.volume_id)
         target = names.target_path(request.target_path)
         with self.manager.locks.hold(volume_id):
-            device = block_publish.device_of_target(target) if is_mount_point(target) else None
+            volume = self.manager.find(volume_id)
             while is_mount_point(target):
+                if not self._published_here(volume, target):
+                    raise errors.failed_precondition(
+                        f"{target} is a mount point, but not of volume {volume_id!r} as this driver publishes it; "
+                        "refusing to unmount or delete it (unmount it by hand if it is stale)"
+                    )
                 umount(target)
             self._remove_target(target)
-            volume = self.manager.find(volume_id)
             if volume is not None and volume.record.mode == "block":
                 block_publish.detach_unused(volume.path)  # also one a crash left between attach and mount
-            elif device:
-                block_publish.release(device)  # the volume is gone: still free its device
             if volume is not None and volume.record.ephemeral and not Publications().targets(volume.path):
                 self.manager.delete(volume_id)
                 log.info("deleted ephemeral volume %s", volume_id)
@@ -208,7 +251,24 @@ class NodeService(csi_grpc.NodeServicer):
         return csi.NodeUnpublishVolumeResponse()
 
     @staticmethod
+    def _published_here(volume: Volume | None, target: str) -> bool:
+        """Whether the top mount at `target` is `volume` as published here: its directory (same device and
+        inode), or a loop device on its image."""
+        if volume is None:
+            return False
+        if volume.record.mode == "block":
+            return block_publish.device_backs(block_publish.device_of_target(target), volume.path,
+                                              block_publish.image_identity(volume.path))
+        try:
+            top = os.stat(target, follow_symlinks=False)
+            entry = os.stat(volume.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISDIR(entry.st_mode) and (top.st_dev, top.st_ino) == (entry.st_dev, entry.st_ino)
+
+    @staticmethod
     def _remove_target(target: str) -> None:
+        """Remove what publishing created (an empty folder or an empty file); refuse to delete anything else."""
         try:
             st = os.lstat(target)
         except FileNotFoundError:
@@ -216,19 +276,30 @@ class NodeService(csi_grpc.NodeServicer):
         if stat.S_ISDIR(st.st_mode):
             try:
                 os.rmdir(target)
+            except FileNotFoundError:
+                return  # removed meanwhile: what was asked is done
             except OSError as exc:
                 if exc.errno == errno.ENOTEMPTY:
                     raise errors.failed_precondition(
                         f"{target} is not a mount point but holds files; refusing to delete them"
                     ) from exc
                 raise
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
         else:
-            os.unlink(target)
+            what = "a non-empty file" if stat.S_ISREG(st.st_mode) else f"a {kind_of(st.st_mode)}"
+            raise errors.failed_precondition(
+                f"{target} is not a mount point but {what}, which this driver never leaves at a target; "
+                "refusing to delete it"
+            )
 
     # --- stats, info ----------------------------------------------------------------------------------------
     def NodeGetVolumeStats(
         self, request: csi.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi.NodeGetVolumeStatsResponse:
+        """Usage and condition. Missing data is an abnormal condition; something else in the volume's place in
+        the pool (a symlink, FIFO, device) is FAILED_PRECONDITION and is never followed."""
         volume_id = names.volume_id(request.volume_id)
         names.require(request.volume_path, "volume_path")
         volume = self.manager.get(volume_id)
@@ -238,23 +309,29 @@ class NodeService(csi_grpc.NodeServicer):
             return csi.NodeGetVolumeStatsResponse(volume_condition=condition)
         Unit = csi.VolumeUsage.Unit
         if volume.record.mode == "block":
-            device = block_publish.device_of_target(volume_path)
-            healthy = device is not None and any(d.path == device for d in loop.devices_backing(volume.path))
+            with opened(block_publish.open_image(volume.path)) as image_fd:
+                size = os.fstat(image_fd).st_size
+                ident = block_publish.identity_of(image_fd)
+            healthy = block_publish.device_backs(block_publish.device_of_target(volume_path), volume.path, ident)
             condition = csi.VolumeCondition(
                 abnormal=not healthy,
                 message="volume is healthy" if healthy else f"{volume_path} is not a published device of the volume",
             )
-            size = os.stat(volume.path).st_size
             return csi.NodeGetVolumeStatsResponse(
                 usage=[csi.VolumeUsage(unit=Unit.BYTES, total=size)], volume_condition=condition
             )
+        volume_fd = open_volume_dir(volume)
+        if volume_fd is None:
+            condition = csi.VolumeCondition(abnormal=True, message=f"volume data {volume.path} is missing")
+            return csi.NodeGetVolumeStatsResponse(volume_condition=condition)
         fs = volume.pool.capacity()
         capacity = volume.record.capacity_bytes
-        if volume.pool.quota and capacity:
-            quota = volume.pool.quota_usage(volume.path)
-            usage = Usage(quota.used_bytes, quota.inodes)
-        else:
-            usage = tree_usage(str(volume.path))
+        with opened(volume_fd):
+            if volume.pool.quota and capacity:
+                quota = volume.pool.quota_usage(volume.path)
+                usage = Usage(quota.used_bytes, quota.inodes)
+            else:
+                usage = tree_usage(volume_fd)
         total = capacity or fs.total_bytes
         available = min(max(capacity - usage.used_bytes, 0), fs.available_bytes) if capacity else fs.available_bytes
         if Publications().is_source_of(volume.path, as_mounted(volume_path)) or volume_path == str(volume.path):

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from hpp_csi import mounts, xfs
 from hpp_csi.config import PoolConfig
 from hpp_csi.names import RESERVED_NAMES
 from hpp_csi.pool_device import PoolDeviceError, mount_pool
-from hpp_csi.store import MetadataStore
+from hpp_csi.store import BadEntries, BadEntry, MetadataStore, describe
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,21 @@ class StoragePool:
             self.store.prepare()
         except OSError as exc:
             raise PoolError(f"storage pool {self.name!r}: cannot write in {self.volumes_dir}: {exc.strerror}") from exc
+        self._check_own_folders()
         self.quota, self.quota_reason = self._detect_quota()
         if not self.quota:
             log.warning("storage pool %s: volume sizes are not enforced (%s)", self.name, self.quota_reason)
+
+    def _check_own_folders(self) -> None:
+        """The driver's folders are where it deletes and renames: it refuses to start rather than work through a
+        symlink (or anything else) put in their place, which would point its clean-up at another tree."""
+        for folder in self.store.own_folders():
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode):
+                raise PoolError(
+                    f"storage pool {self.name!r}: {folder} is {describe(st)}, not the driver's folder; the driver "
+                    "will not work through it. Move it away (the driver recreates the folder) and restart"
+                )
 
     def _detect_quota(self) -> tuple[bool, str]:
         entry = mounts.mount_containing(self.volumes_dir)
@@ -142,16 +155,27 @@ class StoragePool:
     def volume_path(self, volume_id: str) -> Path:
         return self.volumes_dir / volume_id
 
-    def scan(self) -> set[str]:
+    def scan(self, bad: BadEntries | None = None) -> set[str]:
         """IDs of the volumes present: metadata files, and entries on disk (volumes made before a crash or by
-        HPP's Go driver, which keeps no metadata)."""
-        ids = set(self.store.ids())
+        HPP's Go driver, which keeps no metadata). Other entries (a symlink, a FIFO...) are reported to `bad`."""
+        ids = set(self.store.ids(self.name, bad))
+        if bad is not None:
+            known = {folder.name for folder in self.store.own_folders()} | {self.store.legacy_snapshots_dir.name}
+            with os.scandir(self.store.root) as entries:
+                for entry in entries:
+                    if entry.name not in known:
+                        what = describe(entry.stat(follow_symlinks=False))
+                        bad.add(BadEntry(self.name, "metadata", entry.path, f"is {what} the driver did not make"))
         with os.scandir(self.volumes_dir) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name in RESERVED_NAMES:
                     continue
                 if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
                     ids.add(entry.name)
+                elif bad is not None:
+                    what = describe(entry.stat(follow_symlinks=False))
+                    volume_id = entry.name if entry.name in ids else ""
+                    bad.add(BadEntry(self.name, "pool-entry", entry.path, f"is {what}, not a volume", volume_id))
         return ids
 
     def discard(self, volume_id: str) -> None:

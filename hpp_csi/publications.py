@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from hpp_csi import loop
@@ -53,11 +54,15 @@ class Publications:
         """Where a volume is published: bind mounts of its directory, or of the loop devices on its image."""
         if mode != "block":
             return self.targets(volume_path)
-        if not volume_path.is_file():
+        try:
+            image = os.stat(volume_path, follow_symlinks=False)
+        except FileNotFoundError:
             return []
+        if not stat.S_ISREG(image.st_mode):
+            return []  # a symlink in the image's place is not the image: what it points to is not published
         dev = os.stat("/dev").st_dev
         found = []
-        for device in loop.devices_backing(volume_path):
+        for device in loop.devices_backing_inode(image.st_dev, image.st_ino, under=volume_path.parent):
             found += self._by_source.get((os.major(dev), os.minor(dev), "/" + os.path.basename(device.path)), [])
         return found
 

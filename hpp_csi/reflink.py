@@ -2,8 +2,10 @@
 
 Snapshots and clones of a volume must be independent copies that are cheap when the filesystem can share
 extents (XFS with reflink=1, btrfs) and still correct when it cannot (ext4, tmpfs, across filesystems).
-The tree walk works on directory file descriptors with O_NOFOLLOW, so a symlink planted in a live source
-volume can never lead the copy outside it.
+The source is the tenant's: its root is opened relative to its parent (the pool, a snapshot folder) with
+O_NOFOLLOW, the tree walk works on directory file descriptors, and files are opened as O_PATH and checked
+before being read, so a symlink, FIFO or device planted in a live source volume, or swapped in during the copy,
+can never lead the copy outside it or block it. Symlinks inside the tree are copied as symlinks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
+
+from hpp_csi.safe_open import UnsafePath, open_dir, opened
 
 FICLONE = 0x40049409
 # FICLONE fails with these when the filesystem (or the pair of filesystems) cannot share extents.
@@ -143,14 +148,36 @@ def _apply_metadata(st: os.stat_result, src_fd: int, dst_fd: int, skipped: list[
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def open_source_file(dir_fd: int, name: str) -> int:
+    """Open `name` in `dir_fd` for reading only if it is a regular file: never follows a symlink, never opens a
+    FIFO or device (it is looked at through O_PATH first, then reopened: the same inode, no race)."""
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with opened(path_fd):
+        st = os.fstat(path_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EINVAL,
+                             f"not a regular file (mode {stat.filemode(st.st_mode)})", name)
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def open_source_dir(src: str | os.PathLike[str]) -> int:
+    """A directory fd of `src`, opened relative to its parent without following a symlink there."""
+    path = Path(src)
+    with opened(open_dir(path.parent)) as parent:
+        return open_dir(path.name, dir_fd=parent)
+
+
 def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                skipped_xattrs: list[str] | None = None) -> CloneMethod:
-    """Clone one regular file (e.g. a block volume's sparse image) to a new `dst`, metadata included."""
-    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Clone one regular file (e.g. a block volume's sparse image) to a new `dst`, metadata included.
+
+    `src` is opened relative to its parent folder: a symlink, FIFO or device there raises UnsafePath.
+    """
+    path = Path(src)
+    with opened(open_dir(path.parent)) as parent:
+        src_fd = open_source_file(parent, path.name)
     try:
         st = os.fstat(src_fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CloneError(errno.EINVAL, f"clone {src}: not a regular file")
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             method = _clone_data(src_fd, dst_fd)
@@ -176,19 +203,34 @@ class _TreeCloner:
 
     def directory(self, src_fd: int, dst_fd: int, rel: str) -> None:
         for entry in sorted(os.listdir(src_fd)):
-            st = os.stat(entry, dir_fd=src_fd, follow_symlinks=False)
             path = os.path.join(rel, entry)
-            if stat.S_ISDIR(st.st_mode):
-                self.subdirectory(src_fd, dst_fd, entry, st, path)
-            elif stat.S_ISREG(st.st_mode):
-                self.regular(src_fd, dst_fd, entry, st, path)
-            elif stat.S_ISLNK(st.st_mode):
-                self.symlink(src_fd, dst_fd, entry, st, path)
-            elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                os.mknod(entry, st.st_mode, st.st_rdev, dir_fd=dst_fd)
-                self.finish_path(src_fd, dst_fd, entry, st, path)
-                self.report.special += 1
-            # sockets are bound by a live process; a copy of one is meaningless, so none is made
+            # The tenant may swap an entry between our lstat and our open: the open refuses what it did not
+            # expect (ELOOP, ENOTDIR, EINVAL), and the entry is then copied as what it has become.
+            for attempt in range(3):
+                try:
+                    st = os.stat(entry, dir_fd=src_fd, follow_symlinks=False)
+                    self.entry(src_fd, dst_fd, entry, st, path)
+                    break
+                except FileNotFoundError:
+                    _remove_partial(dst_fd, entry)
+                    break  # gone since the listing: not part of the copy
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL) or attempt == 2:
+                        raise
+                    _remove_partial(dst_fd, entry)
+
+    def entry(self, src_fd: int, dst_fd: int, entry: str, st: os.stat_result, path: str) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            self.subdirectory(src_fd, dst_fd, entry, st, path)
+        elif stat.S_ISREG(st.st_mode):
+            self.regular(src_fd, dst_fd, entry, st, path)
+        elif stat.S_ISLNK(st.st_mode):
+            self.symlink(src_fd, dst_fd, entry, st, path)
+        elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            os.mknod(entry, st.st_mode, st.st_rdev, dir_fd=dst_fd)
+            self.finish_path(src_fd, dst_fd, entry, st, path)
+            self.report.special += 1
+        # sockets are bound by a live process; a copy of one is meaningless, so none is made
 
     def subdirectory(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, rel: str) -> None:
         os.mkdir(name, 0o700, dir_fd=dst_dir)
@@ -213,7 +255,7 @@ class _TreeCloner:
                     follow_symlinks=False)
             self.report.hardlinks += 1
             return
-        src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        src_fd = open_source_file(src_dir, name)
         try:
             live = os.fstat(src_fd)  # before reading, which can move atime
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -256,7 +298,7 @@ def clone_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Clon
     files inherit it); its owner, mode, times and xattrs become src's.
     """
     report = CloneReport()
-    src_fd = os.open(src, _DIR_FLAGS)
+    src_fd = open_source_dir(src)
     try:
         root_st = os.fstat(src_fd)
         if not os.path.lexists(dst):
@@ -272,3 +314,21 @@ def clone_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Clon
     finally:
         os.close(src_fd)
     return report
+
+
+def _remove_partial(dst_fd: int, name: str) -> None:
+    """Drop what a failed attempt left under `name` in the (fresh, ours) destination directory."""
+    try:
+        st = os.stat(name, dir_fd=dst_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        child = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+        try:
+            for inner in os.listdir(child):
+                _remove_partial(child, inner)
+        finally:
+            os.close(child)
+        os.rmdir(name, dir_fd=dst_fd)
+    else:
+        os.unlink(name, dir_fd=dst_fd)

@@ -146,6 +146,10 @@ class Driver:
             log.info("metrics on http://%s:%d/metrics", host, port)
         log.info("%s %s serving %s on node %s with %d volume(s) in pools %s", o.driver_name, o.version, self.socket,
                  o.node_id, self.manager.count(), ", ".join(p.name for p in self.pools))
+        bad = self.manager.bad_entries.all()
+        if bad:
+            log.warning("%d bad entr%s left alone in the pools (listed above, counted in hpp_csi_bad_entries)",
+                        len(bad), "y" if len(bad) == 1 else "ies")
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop taking calls, let in-flight calls finish (up to `grace` seconds), remove the socket."""

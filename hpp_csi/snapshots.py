@@ -1,18 +1,24 @@
 """Snapshots: node-local copies of a volume, made by reflink where the filesystem shares extents.
 
-A pool's snapshots live in `<volumes_dir>/.hpp-csi/snapshots/`: the data as `<id>` (a directory, or a file for
-block volumes) and the record as `<id>.json`. The data is cloned under a temporary name and renamed into place,
-and the record is written last, so a snapshot exists exactly when its record does; start-up removes data that
-has no record (a snapshot interrupted by a crash).
+A pool's snapshots live in `<volumes_dir>/.hpp-csi/snapshots-v2/<id>/`, one folder each holding `record.json`
+and `data` (a directory, or a file for block volumes), so no snapshot name can collide with another's data or
+record. A snapshot is built in `.tmp-<id>` and renamed into place with its record inside, so it exists exactly
+when its folder does; start-up removes `.tmp-*` folders (a snapshot interrupted by a crash).
+
+Drivers before this layout kept `<id>` and `<id>.json` side by side in `.hpp-csi/snapshots/`, where the names
+`hk` and `hk.json` collided. Start-up moves each intact old snapshot into the new layout (through
+`.migrate-<id>`, resumed after a crash) and reports, and leaves, whatever else is there.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -21,11 +27,16 @@ from pathlib import Path
 from hpp_csi import atomic, errors
 from hpp_csi.pools import StoragePool
 from hpp_csi.reflink import clone_file, clone_tree
-from hpp_csi.volumes import Volume, VolumeManager
+from hpp_csi.safe_open import UnsafePath, open_dir, open_regular, opened
+from hpp_csi.store import BadEntry, describe, read_record_bytes
+from hpp_csi.volumes import Volume, VolumeManager, reading_tenant_data
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+MIGRATE_PREFIX = ".migrate-"
+RECORD = "record.json"
+DATA = "data"
 
 
 @dataclass
@@ -47,15 +58,15 @@ class SnapshotRecord:
 
 
 def snapshots_dir(pool: StoragePool) -> Path:
-    return pool.store.root / "snapshots"
+    return pool.store.snapshots_dir
 
 
 def data_path(pool: StoragePool, snapshot_id: str) -> Path:
-    return snapshots_dir(pool) / snapshot_id
+    return snapshots_dir(pool) / snapshot_id / DATA
 
 
 def record_path(pool: StoragePool, snapshot_id: str) -> Path:
-    return snapshots_dir(pool) / f"{snapshot_id}.json"
+    return snapshots_dir(pool) / snapshot_id / RECORD
 
 
 def remove_data(path: Path) -> None:
@@ -72,44 +83,158 @@ def copy_entry(source: Path, destination: Path, mode: str) -> str:
     return clone_tree(source, destination).method
 
 
+def read_record(folder_fd: int, name: str) -> SnapshotRecord:
+    """The record in `name` under `folder_fd`, refusing symlinks, FIFOs, huge files and foreign IDs."""
+    with opened(open_regular(folder_fd, name)) as fd:
+        return SnapshotRecord.from_json(json.loads(read_record_bytes(fd)))
+
+
+def data_matches(folder_fd: int, name: str, mode: str) -> str:
+    """Why the entry `name` is not a snapshot's data of `mode`; "" when it is."""
+    try:
+        st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return "its data is missing"
+    if (stat.S_ISREG if mode == "block" else stat.S_ISDIR)(st.st_mode):
+        return ""
+    return f"its data is {describe(st)}, not {'a regular file' if mode == 'block' else 'a directory'}"
+
+
 class SnapshotManager:
     """Snapshots of every pool; IDs are unique across the node, like volume IDs."""
 
     def __init__(self, volumes: VolumeManager) -> None:
         self.volumes = volumes
+        self.bad_entries = volumes.bad_entries
         self._guard = threading.Lock()
         self._records: dict[str, SnapshotRecord] = {}
         self._sorted: list[str] = []
 
+    def _bad(self, pool: StoragePool, kind: str, path: Path | str, reason: str) -> None:
+        self.bad_entries.add(BadEntry(pool.name, kind, str(path), reason))
+
+    # --- start-up -----------------------------------------------------------------------------------------
     def load(self) -> None:
         records: dict[str, SnapshotRecord] = {}
         for pool in self.volumes.pools.values():
             folder = snapshots_dir(pool)
-            folder.mkdir(mode=0o700, exist_ok=True)
-            recorded = set()
-            for entry in os.scandir(folder):
-                if entry.name.endswith(".json") and not entry.name.startswith("."):
-                    try:
-                        record = SnapshotRecord.from_json(json.loads(Path(entry.path).read_bytes()))
-                        if record.snapshot_id != entry.name[: -len(".json")]:
-                            raise ValueError(f"it names snapshot {record.snapshot_id!r}")
-                    except (ValueError, TypeError) as exc:
-                        log.warning("snapshot record %s is unreadable (%s); ignoring it", entry.path, exc)
+            with opened(open_dir(folder)) as folder_fd:
+                self._migrate(pool, folder_fd)
+                for entry in sorted(os.listdir(folder_fd)):
+                    record = self._load_one(pool, folder_fd, entry)
+                    if record is None:
                         continue
-                    record.pool = pool.name  # where it is stored wins, should the pool have been renamed
-                    records.setdefault(record.snapshot_id, record)
-                    recorded.add(record.snapshot_id)
-            for entry in os.scandir(folder):
-                name = entry.name
-                if name.endswith(".json") and not name.startswith("."):
-                    continue
-                if name.startswith(".") or name not in recorded:
-                    log.info("removing incomplete snapshot data %s", entry.path)
-                    remove_data(Path(entry.path))
+                    if record.snapshot_id in records:
+                        self._bad(pool, "snapshot", folder / entry,
+                                  f"snapshot {entry!r} also exists in storage pool {records[entry].pool!r}")
+                        continue
+                    records[record.snapshot_id] = record
         with self._guard:
             self._records = records
             self._sorted = sorted(records)
 
+    def _load_one(self, pool: StoragePool, folder_fd: int, name: str) -> SnapshotRecord | None:
+        path = snapshots_dir(pool) / name
+        st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        if name.startswith(TMP_PREFIX) and stat.S_ISDIR(st.st_mode):
+            log.info("removing incomplete snapshot %s", path)
+            shutil.rmtree(path)
+            return None
+        if not stat.S_ISDIR(st.st_mode) or name.startswith("."):
+            self._bad(pool, "snapshot", path, f"is {describe(st)} the driver did not make")
+            return None
+        try:
+            with opened(open_dir(name, dir_fd=folder_fd)) as snapshot_fd:
+                record = read_record(snapshot_fd, RECORD)
+                if record.snapshot_id != name:
+                    raise ValueError(f"its record names snapshot {record.snapshot_id!r}")
+                problem = data_matches(snapshot_fd, DATA, record.mode)
+                if problem:
+                    raise ValueError(problem)
+        except UnsafePath as exc:
+            self._bad(pool, "snapshot", path, f"its record is not a regular file ({exc.strerror})")
+            return None
+        except (ValueError, TypeError, OSError) as exc:
+            self._bad(pool, "snapshot", path, f"is unreadable: {exc}")
+            return None
+        record.pool = pool.name  # where it is stored wins, should the pool have been renamed
+        return record
+
+    def _migrate(self, pool: StoragePool, folder_fd: int) -> None:
+        """Move intact snapshots of the old flat layout into their own folders; report the rest."""
+        for entry in os.listdir(folder_fd):
+            if entry.startswith(MIGRATE_PREFIX):
+                try:
+                    self._finish_migration(pool, folder_fd, entry[len(MIGRATE_PREFIX):])
+                except (ValueError, TypeError, OSError) as exc:
+                    self._bad(pool, "snapshot", snapshots_dir(pool) / entry, f"is an unfinishable migration: {exc}")
+        legacy = pool.store.legacy_snapshots_dir
+        try:
+            legacy_fd = open_dir(legacy)
+        except FileNotFoundError:
+            return
+        except UnsafePath as exc:
+            self._bad(pool, "legacy-snapshot", legacy, f"is not a directory ({exc.strerror})")
+            return
+        with opened(legacy_fd):
+            names = set(os.listdir(legacy_fd))
+            moved: set[str] = set()
+            for name in sorted(names):
+                if not name.endswith(".json") or name.startswith("."):
+                    continue
+                snapshot_id = name[: -len(".json")]
+                try:
+                    record = read_record(legacy_fd, name)
+                except (ValueError, TypeError, OSError):
+                    continue  # not a record (maybe the data of a snapshot named *.json): judged below
+                if record.snapshot_id != snapshot_id or data_matches(legacy_fd, snapshot_id, record.mode):
+                    continue
+                if os.path.lexists(snapshots_dir(pool) / snapshot_id):
+                    continue
+                self._migrate_one(pool, folder_fd, legacy_fd, record)
+                moved.update((name, snapshot_id))
+            for name in sorted(names - moved):
+                st = os.stat(name, dir_fd=legacy_fd, follow_symlinks=False)
+                if name.startswith(".") and (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                    log.info("removing incomplete snapshot data %s of the old layout", legacy / name)
+                    remove_data(legacy / name)  # an interrupted copy or record write of the old driver
+                    continue
+                self._bad(pool, "legacy-snapshot", legacy / name,
+                          f"is {describe(st)} that is not an intact snapshot of the old layout (no record naming "
+                          "it with matching data); not migrated")
+            if not os.listdir(legacy_fd):
+                os.rmdir(legacy)
+                log.info("storage pool %s: snapshots moved to %s", pool.name, snapshots_dir(pool))
+
+    def _migrate_one(self, pool: StoragePool, folder_fd: int, legacy_fd: int, record: SnapshotRecord) -> None:
+        """record.json first, then the data, then the folder into place: each step resumable after a crash."""
+        snapshot_id = record.snapshot_id
+        staging = MIGRATE_PREFIX + snapshot_id
+        with contextlib.suppress(FileExistsError):  # a migration a crash interrupted
+            os.mkdir(staging, 0o700, dir_fd=folder_fd)
+        record.pool = pool.name
+        atomic.write_json(snapshots_dir(pool) / staging / RECORD, asdict(record))
+        with opened(open_dir(staging, dir_fd=folder_fd)) as staging_fd:
+            os.rename(snapshot_id, DATA, src_dir_fd=legacy_fd, dst_dir_fd=staging_fd)
+        self._finish_migration(pool, folder_fd, snapshot_id)
+        log.info("storage pool %s: snapshot %s moved to the new layout", pool.name, snapshot_id)
+
+    def _finish_migration(self, pool: StoragePool, folder_fd: int, snapshot_id: str) -> None:
+        """Put a migrated snapshot in place and drop its old record; nothing when its data is not moved yet."""
+        staging = MIGRATE_PREFIX + snapshot_id
+        with opened(open_dir(staging, dir_fd=folder_fd)) as staging_fd:
+            if data_matches(staging_fd, DATA, "block") and data_matches(staging_fd, DATA, "mount"):
+                return  # the data is still in the old folder: the migration runs again from the start
+            if data_matches(staging_fd, DATA, read_record(staging_fd, RECORD).mode):
+                raise ValueError("its data does not match its record")
+        os.rename(staging, snapshot_id, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        os.fsync(folder_fd)
+        legacy = pool.store.legacy_snapshots_dir
+        if not os.path.lexists(legacy / snapshot_id):
+            (legacy / f"{snapshot_id}.json").unlink(missing_ok=True)
+            atomic.fsync_dir(legacy)
+
+    # --- lookup -------------------------------------------------------------------------------------------
     def find(self, snapshot_id: str) -> SnapshotRecord | None:
         with self._guard:
             return self._records.get(snapshot_id)
@@ -123,26 +248,35 @@ class SnapshotManager:
     def path_of(self, record: SnapshotRecord) -> Path:
         return data_path(self.volumes.pools[record.pool], record.snapshot_id)
 
+    # --- changes (callers hold the locks) -----------------------------------------------------------------
     def create(self, snapshot_id: str, source: Volume) -> tuple[SnapshotRecord, bool]:
         """Snapshot `source` (callers hold the locks of both IDs and checked the ID is free); (record, created)."""
-        if not source.exists_on_disk():
-            raise errors.failed_precondition(f"volume {source.volume_id!r} has no data at {source.path}")
         pool = source.pool
+        final = snapshots_dir(pool) / snapshot_id
+        if os.path.lexists(final):
+            raise errors.failed_precondition(
+                f"snapshot {snapshot_id!r}: {final} exists but is not a snapshot the driver can read (see the "
+                "driver's log); it is left alone: move it away by hand, or use another name"
+            )
         staging = snapshots_dir(pool) / f"{TMP_PREFIX}{snapshot_id}"
         remove_data(staging)
         started = time.perf_counter()
+        description = f"volume {source.volume_id!r}"
         try:
-            method = copy_entry(source.path, staging, source.record.mode)
-            os.rename(staging, data_path(pool, snapshot_id))
+            staging.mkdir(mode=0o700)
+            with reading_tenant_data(description, source.path, source.record.mode):
+                method = copy_entry(source.path, staging / DATA, source.record.mode)
+            record = SnapshotRecord(
+                snapshot_id=snapshot_id, source_volume_id=source.volume_id, pool=pool.name,
+                size_bytes=source.record.capacity_bytes, created_ns=time.time_ns(), mode=source.record.mode,
+                method=method,
+            )
+            atomic.write_json(staging / RECORD, asdict(record))
+            os.rename(staging, final)
+            atomic.fsync_dir(final.parent)
         except BaseException:
             remove_data(staging)
             raise
-        record = SnapshotRecord(
-            snapshot_id=snapshot_id, source_volume_id=source.volume_id, pool=pool.name,
-            size_bytes=source.record.capacity_bytes, created_ns=time.time_ns(), mode=source.record.mode,
-            method=method,
-        )
-        atomic.write_json(record_path(pool, snapshot_id), asdict(record))
         with self._guard:
             self._records[snapshot_id] = record
             bisect.insort(self._sorted, snapshot_id)
@@ -151,18 +285,24 @@ class SnapshotManager:
         return record, True
 
     def delete(self, snapshot_id: str) -> bool:
-        """Record first, then data: a crash in between leaves data that start-up removes."""
+        """The folder is moved to the trash in one rename (the snapshot is gone), then deleted."""
         record = self.find(snapshot_id)
         if record is None:
             return False
         pool = self.volumes.pools[record.pool]
-        atomic.remove(record_path(pool, snapshot_id))
+        trashed = pool.store.trash_dir / f"snapshot-{snapshot_id}.{time.time_ns()}"
+        try:
+            os.rename(snapshots_dir(pool) / snapshot_id, trashed)
+            atomic.fsync_dir(snapshots_dir(pool))
+        except FileNotFoundError:
+            trashed = Path()
         with self._guard:
             self._records.pop(snapshot_id, None)
             at = bisect.bisect_left(self._sorted, snapshot_id)
             if at < len(self._sorted) and self._sorted[at] == snapshot_id:
                 del self._sorted[at]
-        remove_data(data_path(pool, snapshot_id))
+        if trashed != Path():
+            pool.discard_path(trashed)
         return True
 
     def page(self, start_after: str | None, max_entries: int, snapshot_id: str = "",

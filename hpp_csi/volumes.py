@@ -1,30 +1,46 @@
 """The volumes of every pool on this node: lookup, creation, deletion, paging; the part the CSI services share.
 
-The index (volume ID -> pool) is rebuilt from the disk at start-up by listing names only; records are read
-lazily and cached, so start-up stays fast with many volumes and a restart answers exactly as before.
+The index (volume ID -> pool) is rebuilt from the disk at start-up and every record is read once and cached
+(one small file each), so a bad record is found and reported at start, and a restart answers exactly as before.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
+import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpp_csi import errors
+from hpp_csi.block_publish import open_image
 from hpp_csi.config import LEGACY_POOL
 from hpp_csi.locks import KeyedLocks
 from hpp_csi.pools import StoragePool
 from hpp_csi.reflink import clone_file, clone_tree
-from hpp_csi.store import VolumeRecord
+from hpp_csi.safe_open import open_dir, opened
+from hpp_csi.store import BadEntries, BadEntry, VolumeRecord, describe
 
 log = logging.getLogger(__name__)
 
 POOL_PARAMETER = "storagePool"
 SIZE_ENFORCED_KEY = "sizeEnforced"
-DIR_MODE = 0o777  # VM pods run as an unprivileged user (qemu, 107): the volume must be writable for them
+# Filesystem volume directories are root:107 with mode 2770 (rwxrws---), not HPP's world-writable 0777.
+# Who must write: virt-launcher runs qemu as uid/gid 107 (qemu) and CDI's importer/upload pods run as 107 too.
+# With an fsGroup (KubeVirt and CDI set one; the CSIDriver says fsGroupPolicy: File) kubelet gives the group to
+# the fsGroup and adds g+rwx and setgid itself, so group access is all any pod needs. Without an fsGroup,
+# group 107 still lets qemu write. "Other" gets nothing: no other user on the node can read or write a
+# tenant's volume. setgid keeps files made in the volume in the volume's group.
+DIR_MODE = 0o2770
+VOLUME_GID = 107
+# Errors of a copy that met something other than what it expected in the tenant's data (a swap, a vanished
+# entry): the volume's data is not in a state to copy, which is the caller's precondition, not our failure.
+_SWAPPED = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV})
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,54 @@ class Volume:
 
     def exists_on_disk(self) -> bool:
         return os.path.lexists(self.path)
+
+    def data_problem(self) -> str:
+        """Why the entry at the volume's path is not its data as the record says; "" when it is."""
+        return data_problem(self.path, self.record.mode)
+
+
+def data_problem(path: Path, mode: str) -> str:
+    """Why `path` is not a volume's data of `mode` ("block": a regular file, else a directory); "" when it is."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "is missing"
+    if (stat.S_ISREG if mode == "block" else stat.S_ISDIR)(st.st_mode):
+        return ""
+    found = describe(st)
+    if stat.S_ISLNK(st.st_mode):
+        with suppress(OSError):  # swapped again since the lstat: "a symlink" is what was seen
+            found += f" to {os.readlink(path)!r}"
+    return f"is {found}, not {'a regular file' if mode == 'block' else 'a directory'}"
+
+
+def unusable(description: str, path: Path, problem: str) -> errors.CsiError:
+    return errors.failed_precondition(
+        f"{description}: its data {path} {problem}, not what its record says; the driver does not read through "
+        "it. Restore the data at that path (or delete the volume) and retry"
+    )
+
+
+@contextmanager
+def reading_tenant_data(description: str, path: Path, mode: str) -> Iterator[None]:
+    """Check `path` holds data of `mode` before a copy, and turn a swap met during it into FAILED_PRECONDITION."""
+    problem = data_problem(path, mode)
+    if problem:
+        raise unusable(description, path, problem)
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _SWAPPED:
+            raise
+        raise unusable(description, path, data_problem(path, mode) or f"changed during the copy ({exc.strerror})"
+                       ) from None
+
+
+def secure_volume_dir(path: Path) -> None:
+    """Give a volume directory the group and mode of DIR_MODE's note, without following a symlink at `path`."""
+    with opened(open_dir(path)) as fd:
+        os.fchown(fd, -1, VOLUME_GID)
+        os.fchmod(fd, DIR_MODE)
 
 
 @dataclass(frozen=True)
@@ -97,23 +161,35 @@ class VolumeManager:
         self._sorted: list[str] = []
         self._records: dict[str, VolumeRecord] = {}
         self._committed: dict[str, int] = {}  # per quota pool: bytes promised to its volumes
+        self.bad_entries = BadEntries()
 
     # --- start-up -----------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Rebuild the index from the disk; finish deletions a crash interrupted."""
+        """Rebuild the index from the disk and read every record; finish deletions a crash interrupted.
+
+        A bad entry is reported in `bad_entries` and left alone; its volume, if any, is still listed.
+        """
         index: dict[str, str] = {}
+        records: dict[str, VolumeRecord] = {}
         for pool in self.pools.values():
             pool.purge_trash()
-            for volume_id in pool.scan():
+            for volume_id in pool.scan(self.bad_entries):
                 if volume_id in index:
                     log.warning("volume %s exists in pools %r and %r; using %r", volume_id, index[volume_id],
                                 pool.name, index[volume_id])
                     continue
                 index[volume_id] = pool.name
+                record, problem = pool.store.read(volume_id)
+                if problem:
+                    self.bad_entries.add(BadEntry(pool.name, "volume-record", str(pool.store.path_of(volume_id)),
+                                                  problem, volume_id))
+                if record is not None:
+                    record.pool = pool.name  # where it is stored wins, should the pool have been renamed
+                    records[volume_id] = record
         with self._guard:
             self._index = index
             self._sorted = sorted(index)
-            self._records = {}
+            self._records = records
             self._committed = {}
 
     # --- pools --------------------------------------------------------------------------------------------
@@ -163,9 +239,12 @@ class VolumeManager:
     @staticmethod
     def _adopted(volume_id: str, pool: StoragePool) -> VolumeRecord:
         """A record for a volume found on disk without metadata."""
-        path = pool.volume_path(volume_id)
-        mode = "block" if path.is_file() else "mount"
-        capacity = path.stat().st_size if mode == "block" and path.exists() else 0
+        try:
+            st = os.lstat(pool.volume_path(volume_id))
+        except FileNotFoundError:
+            st = None
+        mode = "block" if st is not None and stat.S_ISREG(st.st_mode) else "mount"
+        capacity = st.st_size if st is not None and mode == "block" else 0
         return VolumeRecord(volume_id=volume_id, pool=pool.name, capacity_bytes=capacity, mode=mode, adopted=True,
                             context={POOL_PARAMETER: pool.name})
 
@@ -307,17 +386,21 @@ class VolumeManager:
             return
         staging = spec.pool.store.staging_dir / spec.volume_id
         spec.pool.discard_path(staging)
+        source = spec.source
         try:
             if spec.mode == "block":
-                method = clone_file(spec.source.path, staging).value
-                with open(staging, "r+b") as f:
-                    if os.fstat(f.fileno()).st_size < spec.capacity_bytes:
-                        f.truncate(spec.capacity_bytes)
-                    os.fsync(f.fileno())
+                with reading_tenant_data(source.description, source.path, source.mode):
+                    method = clone_file(source.path, staging).value
+                fd = os.open(staging, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with opened(fd):
+                    if os.fstat(fd).st_size < spec.capacity_bytes:
+                        os.ftruncate(fd, spec.capacity_bytes)
+                    os.fsync(fd)
             else:
                 self._make_empty(staging, spec, record)
-                method = clone_tree(spec.source.path, staging).method
-                os.chmod(staging, DIR_MODE)
+                with reading_tenant_data(source.description, source.path, source.mode):
+                    method = clone_tree(source.path, staging).method
+                secure_volume_dir(staging)
             os.rename(staging, path)
         except BaseException:
             spec.pool.discard_path(staging)
@@ -337,15 +420,16 @@ class VolumeManager:
                 os.close(fd)
             return
         try:
-            os.mkdir(path, DIR_MODE)
+            os.mkdir(path, 0o700)
         except FileExistsError:
             if path.is_symlink() or not path.is_dir():
                 raise errors.already_exists(f"{path} exists and is not a volume directory") from None
-        os.chmod(path, DIR_MODE, follow_symlinks=False)
+        secure_volume_dir(path)
         if spec.pool.quota:
             record.extra["project"] = spec.pool.assign_quota(path, spec.capacity_bytes)
 
     def _remember(self, record: VolumeRecord) -> None:
+        self.bad_entries.forget(str(self.pools[record.pool].store.path_of(record.volume_id)))
         with self._guard:
             if record.volume_id not in self._index:
                 bisect.insort(self._sorted, record.volume_id)
@@ -367,9 +451,14 @@ class VolumeManager:
                 f"{available} bytes {what}"
             )
         if record.mode == "block":
-            with open(volume.path, "r+b") as f:
-                f.truncate(capacity)
-                os.fsync(f.fileno())
+            # The file in the pool, by descriptor: a symlink, FIFO or device swapped in is refused, never grown.
+            fd = open_image(volume.path, os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size < capacity:
+                    os.ftruncate(fd, capacity)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         elif volume.pool.quota:
             volume.pool.resize_quota(volume.path, capacity)
         grown = replace(record, capacity_bytes=capacity, extra=dict(record.extra))
@@ -384,10 +473,12 @@ class VolumeManager:
         volume = self.find(volume_id)
         if volume is None:
             return False
-        if volume.pool.quota and volume.record.mode == "mount" and volume.path.is_dir():
+        volume.pool.store.check_removable(volume_id)  # before the data goes: a record we cannot drop stops here
+        if volume.pool.quota and volume.record.mode == "mount" and not volume.data_problem():
             volume.pool.release_quota(volume.path)
         volume.pool.discard(volume_id)
         volume.pool.store.remove(volume_id)
+        self.bad_entries.forget(str(volume.pool.store.path_of(volume_id)))
         with self._guard:
             self._index.pop(volume_id, None)
             self._records.pop(volume_id, None)

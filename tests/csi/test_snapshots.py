@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -263,7 +264,8 @@ class TestClones:
         assert clone.content_source.volume.volume_id == source and clone.capacity_bytes == 6 * MiB
         path = driver.volume_path(clone.volume_id)
         check_filled(path)
-        assert path.stat().st_mode & 0o777 == 0o777
+        st = path.stat()  # the volume mode policy (hpp_csi/volumes.py DIR_MODE), not the source root's
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2770, 107)
         (path / "only-in-clone").write_text("x")
         assert not (driver.volume_path(source) / "only-in-clone").exists()
 
@@ -278,7 +280,7 @@ class TestClones:
         source = driver.create(unique(), MiB).volume_id
         driver.volume_path(source).rmdir()
         name = unique()
-        with rpc_error(NOT_FOUND):
+        with rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"volume '{source}'.* is missing"):
             driver.controller.CreateVolume(create_request(name, volume_content_source=from_volume(source)))
         assert name not in driver.listed_ids()
 
@@ -360,7 +362,7 @@ def test_snapshots_survive_restart(spawn: Callable[..., Driver]) -> None:
 
 
 def test_corrupt_snapshot_records(spawn: Callable[..., Driver]) -> None:
-    """Unreadable snapshot records never stop start-up; those snapshots are dropped, the others kept."""
+    """Unreadable snapshot records never stop start-up; those snapshots are not listed, and left on disk."""
     proc = spawn().start()
     require(proc, RPC.CREATE_DELETE_SNAPSHOT)
     source = proc.create("src", MiB).volume_id
@@ -371,11 +373,15 @@ def test_corrupt_snapshot_records(spawn: Callable[..., Driver]) -> None:
     for kind in corrupt:
         snap(proc, f"bad-{kind}", source)
     proc.kill()
+    folder = proc.pool_path() / ".hpp-csi" / "snapshots-v2"
     for kind, content in corrupt.items():
-        (proc.pool_path() / ".hpp-csi" / "snapshots" / f"bad-{kind}.json").write_bytes(content)
+        (folder / f"bad-{kind}" / "record.json").write_bytes(content)
     proc.start()
     assert [e.snapshot.snapshot_id for e in list_snapshots(proc).entries] == ["good"]
-    assert [p.name for p in (proc.pool_path() / ".hpp-csi" / "snapshots").iterdir() if not p.suffix] == ["good"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["good", *(f"bad-{kind}" for kind in corrupt)])
+    for kind, content in corrupt.items():
+        assert (folder / f"bad-{kind}" / "record.json").read_bytes() == content
+        assert (folder / f"bad-{kind}" / "data").is_dir()
 
 
 def test_reflink_on_an_xfs_pool(spawn: Callable[..., Driver]) -> None:
@@ -395,7 +401,7 @@ def test_reflink_on_an_xfs_pool(spawn: Callable[..., Driver]) -> None:
         check_filled(volumes / name)
         assert (volumes / name / "blob").read_bytes() == (volumes / source / "blob").read_bytes()
     records = volumes / ".hpp-csi"
-    assert json.loads((records / "snapshots" / "snap.json").read_text())["method"] == "reflink"
+    assert json.loads((records / "snapshots-v2" / "snap" / "record.json").read_text())["method"] == "reflink"
     for name in ("restored", "clone"):
         assert json.loads((records / "volumes" / f"{name}.json").read_text())["extra"]["cloned_by"] == "reflink"
     block = proc.controller.CreateVolume(create_request("img", 4 * MiB, pool="xfs", caps=[block_cap()])).volume

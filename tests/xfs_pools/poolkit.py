@@ -67,7 +67,8 @@ class PoolDriver(Driver):
         return self.pool_dir / volume_id
 
     def snapshot_path(self, snapshot_id: str) -> Path:
-        return self.pool_dir / ".hpp-csi" / "snapshots" / snapshot_id
+        """The snapshot's data (its folder also holds record.json)."""
+        return self.pool_dir / ".hpp-csi" / "snapshots-v2" / snapshot_id / "data"
 
     def new_target(self, name: str = "blk") -> Path:
         """A target in a folder that does not exist yet: the driver must make it."""
