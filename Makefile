@@ -10,7 +10,7 @@ CDI_DOWNLOAD := bench-run/bin/cdi-download
 # Offline GOPATH build against Debian's Go packages (no module proxy).
 GO_BUILD := GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/bench-run/gocache go build
 
-.PHONY: all install demo test lint bench protos clean
+.PHONY: all install demo test soak lint bench protos clean
 
 all: install
 
@@ -46,6 +46,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The crash test with many more kills and the fuzzers with more examples (docs/reliability.md).
+# HPP_SOAK_KILLS, HPP_SOAK_SEED, HPP_SOAK_CLIENTS and HPP_FUZZ_SCALE may be set to change them.
+soak: install
+	HPP_SOAK_KILLS=$${HPP_SOAK_KILLS:-80} HPP_SOAK_CLIENTS=$${HPP_SOAK_CLIENTS:-4} HPP_FUZZ_SCALE=$${HPP_FUZZ_SCALE:-20} \
+		$(BIN)/python -m pytest -q -p no:cacheprovider -o timeout=3600 tests/reliability tests/fuzz $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check hpp_csi importer tests bench scripts
