@@ -1,4 +1,4 @@
-"""Snapshot/clone time of a volume: reflink clone (hpp_csi.reflink) vs a full data copy, same run, same XFS.
+"""Snapshot/clone time of a volume: reflink clone (hpp_csi.linux.reflink) vs a full data copy, same run, same XFS.
 
 Each volume is a directory holding one disk image filled with real (random, incompressible) data, on an
 XFS (reflink=1) loop filesystem over a sparse file. The reflink clone is timed as the driver takes it
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import update_section
-from hpp_csi import loop, mounts, reflink, xfs
+from hpp_csi.linux import loop, mounts, reflink, xfs
 
 GIB = 1 << 30
 CHUNK = 8 << 20
@@ -106,8 +106,9 @@ def markdown(results: list[tuple[int, dict[str, float]]]) -> str:
         "## Snapshot / clone (`bench/clone.py`)",
         "",
         "Volume = a directory with one disk image fully written with random data, on XFS (reflink=1) on a loop",
-        f"device. Reflink: `hpp_csi.reflink.clone_tree` + sync, median (max) of {REFLINK_RUNS}. Full copy: read +",
-        "write of every byte + fsync, source evicted from the page cache (the cost without extent sharing).",
+        f"device. Reflink: `hpp_csi.linux.reflink.clone_tree` + sync, median (max) of {REFLINK_RUNS}.",
+        "Full copy: read + write of every byte + fsync, source evicted from the page cache (the cost without extent",
+        "sharing).",
         "",
         "| volume | reflink clone | space used by clone | full copy | speed-up |",
         "|---|---|---|---|---|",

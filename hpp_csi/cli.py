@@ -11,10 +11,10 @@ from pathlib import Path
 
 from hpp_csi import ctl, logs
 from hpp_csi.config import CR_VOLUMES_SUBDIR, ConfigError, PoolConfig, load_cr, parse_datadir
-from hpp_csi.pool_device import PoolDeviceError, mount_pool, unmount_pool
-from hpp_csi.pools import PoolError
+from hpp_csi.linux.xfs import CommandFailed, DeviceNotBlank
 from hpp_csi.server import DEFAULT_DRIVER_NAME, Driver, DriverOptions, EndpointError
-from hpp_csi.xfs import CommandFailed, DeviceNotBlank
+from hpp_csi.storage.pool_device import PoolDeviceError, mount_pool, unmount_pool
+from hpp_csi.storage.pools import PoolError
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hpp_csi.pools import check_path_not_shared
-from hpp_csi.volumes import VolumeManager
+from hpp_csi.storage.pools import check_path_not_shared
+from hpp_csi.storage.volumes import VolumeManager
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

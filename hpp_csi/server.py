@@ -17,18 +17,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from hpp_csi import block_publish
 from hpp_csi.config import PoolConfig
-from hpp_csi.controller import ControllerService
-from hpp_csi.identity import IdentityService
+from hpp_csi.csi.controller import ControllerService
+from hpp_csi.csi.identity import IdentityService
+from hpp_csi.csi.node import NodeService
+from hpp_csi.csi.rpc import CsiInterceptor, InFlight
 from hpp_csi.metrics import DriverMetrics
-from hpp_csi.node import NodeService
-from hpp_csi.pools import StoragePool
-from hpp_csi.rpc import CsiInterceptor, InFlight
-from hpp_csi.snapshots import SnapshotManager
 from hpp_csi.spec import csi_pb2
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
-from hpp_csi.volumes import VolumeManager
+from hpp_csi.storage import block_publish
+from hpp_csi.storage.pools import StoragePool
+from hpp_csi.storage.snapshots import SnapshotManager
+from hpp_csi.storage.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import posixpath
 import stat
 import tarfile
 
-from hpp_csi.safe_open import UnsafePath, open_beneath
+from hpp_csi.linux.safe_open import UnsafePath, open_beneath
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.pipeline import CHUNK, Reader
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from hpp_csi.safe_open import open_dir
+from hpp_csi.linux.safe_open import open_dir
 from importer import formats, qcow2, qemu_img
 from importer.archive import extract_tar
 from importer.deadline import ProcessWatchdog

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpp_csi import loop, mounts, xfs
+from hpp_csi.linux import loop, mounts, xfs
 
 
 class LoopTracker:

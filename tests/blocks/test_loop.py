@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpp_csi import loop
+from hpp_csi.linux import loop
 
 from .conftest import LoopTracker, MountTracker, sparse_file
 
@@ -51,7 +51,7 @@ def test_refresh_capacity_after_the_backing_file_grew(tmp_path: Path, loops: Loo
 def test_devices_backing_is_rediscovered_from_the_system(tmp_path: Path, loops: LoopTracker) -> None:
     backing = sparse_file(tmp_path / "disk.img", 16 << 20)
     # Attach from another process: this one has no memory of it, as after a driver restart.
-    script = "import sys; from hpp_csi import loop; print(loop.attach(sys.argv[1]).path)"
+    script = "import sys; from hpp_csi.linux import loop; print(loop.attach(sys.argv[1]).path)"
     out = subprocess.run([sys.executable, "-c", script, str(backing)], capture_output=True, text=True, check=True)
     loops.devices.append(out.stdout.strip())
     alias = tmp_path / "alias.img"

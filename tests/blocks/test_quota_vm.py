@@ -1,4 +1,4 @@
-"""Project quotas through hpp_csi.xfs, in a qemu guest on Debian's stock kernel (this host's has no quota).
+"""Project quotas through hpp_csi.linux.xfs, in a qemu guest on Debian's stock kernel (this host's has no quota).
 
 One boot runs the whole scenario (about 15-25 s under TCG): our Python code attaches a loop device, formats
 and mounts it with prjquota, gives a volume directory a project with a 20 MiB hard limit; then shell tools
@@ -19,7 +19,7 @@ LIMIT = 20 << 20
 
 SETUP = """
 import os
-from hpp_csi import loop, xfs
+from hpp_csi.linux import loop, xfs
 with open("/tmp/pool.img", "wb") as f:
     f.truncate(512 << 20)
 device = loop.attach("/tmp/pool.img")
@@ -38,7 +38,7 @@ for name in ("pvc-a", "pvc-b"):
 
 CHECK = """
 import errno, os
-from hpp_csi import xfs
+from hpp_csi.linux import xfs
 project = xfs.project_id("/tmp/pool/pvc-a")
 quota = xfs.project_quota("/tmp/pool", project)
 print("USED=%d" % quota.used_bytes)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpp_csi import reflink, xfs
+from hpp_csi.linux import reflink, xfs
 
 from .conftest import LoopTracker, MountTracker, XfsPool, make_xfs_pool
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpp_csi import loop, mounts, xfs
+from hpp_csi.linux import loop, mounts, xfs
 
 from .conftest import LoopTracker, MountTracker, XfsPool, sparse_file
 

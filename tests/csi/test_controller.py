@@ -66,7 +66,8 @@ class TestCreateVolume:
         assert not volume.HasField("content_source")
         path = driver.volume_path(name)
         assert path.is_dir() and not path.is_symlink()
-        st = path.stat()  # group 107 (qemu) without fsGroup; nothing for other users (hpp_csi/volumes.py DIR_MODE)
+        # group 107 (qemu) without fsGroup; nothing for other users (hpp_csi/storage/volumes.py DIR_MODE)
+        st = path.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2770, 0, 107)
 
     def test_no_capacity_range(self, driver: Driver) -> None:

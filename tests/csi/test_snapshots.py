@@ -264,7 +264,7 @@ class TestClones:
         assert clone.content_source.volume.volume_id == source and clone.capacity_bytes == 6 * MiB
         path = driver.volume_path(clone.volume_id)
         check_filled(path)
-        st = path.stat()  # the volume mode policy (hpp_csi/volumes.py DIR_MODE), not the source root's
+        st = path.stat()  # the volume mode policy (hpp_csi/storage/volumes.py DIR_MODE), not the source root's
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2770, 107)
         (path / "only-in-clone").write_text("x")
         assert not (driver.volume_path(source) / "only-in-clone").exists()

@@ -17,7 +17,7 @@ from drivertools import Driver, MiB, block_cap, is_mounted, mount, rpc_error, um
 
 from hpp_csi.spec import csi_pb2 as csi
 
-from .nodekit import fingerprint, flipping, loops_on, make_victim, mounts_under, swap_back, swap_in
+from .nodekit import fingerprint, flipping, loops_on, mounts_under, swap_back, swap_in
 
 pytestmark = pytest.mark.timeout(60)
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
@@ -25,20 +25,6 @@ OK_OR_REFUSED = {"OK", "FAILED_PRECONDITION", "NOT_FOUND"}
 
 if os.geteuid() != 0:
     pytest.fail("the block security tests need root (loop devices, bind mounts)", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Driver]:
-    proc = Driver()
-    try:
-        yield proc.start()
-    finally:
-        proc.shutdown()
-
-
-@pytest.fixture(scope="module")
-def victim(driver: Driver) -> Path:
-    return make_victim(driver.root)
 
 
 @pytest.fixture(autouse=True)

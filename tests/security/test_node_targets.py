@@ -16,7 +16,7 @@ from drivertools import Driver, MiB, block_cap, is_mounted, mount, rpc_error, um
 
 from hpp_csi.spec import csi_pb2 as csi
 
-from .nodekit import fingerprint, flipping, make_victim, mounts_under
+from .nodekit import fingerprint, flipping, mounts_under
 
 pytestmark = pytest.mark.timeout(60)
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
@@ -24,20 +24,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 if os.geteuid() != 0:
     pytest.fail("the node security tests need root (bind mounts, tmpfs)", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Driver]:
-    proc = Driver()
-    try:
-        yield proc.start()
-    finally:
-        proc.shutdown()
-
-
-@pytest.fixture(scope="module")
-def victim(driver: Driver) -> Path:
-    return make_victim(driver.root)
 
 
 @pytest.fixture(autouse=True)

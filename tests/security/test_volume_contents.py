@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from drivertools import Driver, MiB, block_cap, create_request, from_snapshot, from_volume, rpc_error, running, unique
+from drivertools import Driver, MiB, block_cap, create_request, from_snapshot, from_volume, rpc_error, unique
 
 from hpp_csi.spec import csi_pb2 as csi
 
@@ -33,12 +33,6 @@ if os.geteuid() != 0:
 def atimes(tree: Path) -> dict[str, int]:
     return {os.path.join(folder, name): os.lstat(os.path.join(folder, name)).st_atime_ns
             for folder, dirs, files in os.walk(tree) for name in [".", *dirs, *files]}
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Driver]:
-    with running(Driver()) as proc:
-        yield proc
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from drivertools import drivers, loops_backing, running
 
-from hpp_csi import loop
+from hpp_csi.linux import loop
 
 from .poolkit import PoolDriver
 

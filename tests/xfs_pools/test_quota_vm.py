@@ -25,14 +25,14 @@ BEGIN, END = "@@POOL-RESULTS-BEGIN@@", "@@POOL-RESULTS-END@@"
 GUEST = """
 import json, os, subprocess, time
 started = time.monotonic()
-from hpp_csi import xfs
+from hpp_csi.linux import xfs
 from hpp_csi.config import parse_datadir
 from hpp_csi.errors import CsiError
-from hpp_csi.node import NodeService
-from hpp_csi.pools import StoragePool
-from hpp_csi.snapshots import SnapshotManager
+from hpp_csi.csi.node import NodeService
+from hpp_csi.storage.pools import StoragePool
+from hpp_csi.storage.snapshots import SnapshotManager
 from hpp_csi.spec import csi_pb2 as csi
-from hpp_csi.volumes import CreateSpec, Source, VolumeManager
+from hpp_csi.storage.volumes import CreateSpec, Source, VolumeManager
 MiB = 1 << 20
 
 def out(key, value):

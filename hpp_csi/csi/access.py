@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from hpp_csi import errors
-from hpp_csi.mounts import UnknownMountFlag, bind_flags
+from hpp_csi.linux.mounts import UnknownMountFlag, bind_flags
 from hpp_csi.spec import csi_pb2 as csi
 
 AccessMode = csi.VolumeCapability.AccessMode

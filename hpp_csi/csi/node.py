@@ -11,18 +11,20 @@ from collections.abc import Callable
 
 import grpc
 
-from hpp_csi import block_publish, errors, mounts, names
-from hpp_csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
-from hpp_csi.block_publish import kind_of
-from hpp_csi.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
-from hpp_csi.publications import Publications
-from hpp_csi.safe_open import UnsafePath, open_dir, opened
+from hpp_csi import errors, names
+from hpp_csi.csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
+from hpp_csi.csi.targets import nearest_folder, open_folder, refuse_target_in_pool
+from hpp_csi.csi.topology import node_topology
+from hpp_csi.linux import mounts
+from hpp_csi.linux.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
+from hpp_csi.linux.safe_open import UnsafePath, open_dir, opened
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
-from hpp_csi.targets import nearest_folder, open_folder, refuse_target_in_pool
-from hpp_csi.topology import node_topology
-from hpp_csi.usage import Usage, tree_usage
-from hpp_csi.volumes import CreateSpec, Volume, VolumeManager
+from hpp_csi.storage import block_publish
+from hpp_csi.storage.block_publish import kind_of
+from hpp_csi.storage.publications import Publications
+from hpp_csi.storage.usage import Usage, tree_usage
+from hpp_csi.storage.volumes import CreateSpec, Volume, VolumeManager
 
 log = logging.getLogger(__name__)
 

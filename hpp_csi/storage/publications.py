@@ -6,8 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from hpp_csi import loop
-from hpp_csi.mounts import MOUNTINFO, MountEntry, mount_sources, parse_mountinfo
+from hpp_csi.linux import loop
+from hpp_csi.linux.mounts import MOUNTINFO, MountEntry, mount_sources, parse_mountinfo
 
 
 class Publications:

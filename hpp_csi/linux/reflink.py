@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from hpp_csi.safe_open import UnsafePath, open_dir, opened
+from hpp_csi.linux.safe_open import UnsafePath, open_dir, opened
 
 FICLONE = 0x40049409
 # FICLONE fails with these when the filesystem (or the pair of filesystems) cannot share extents.

@@ -9,7 +9,7 @@ from google.protobuf import wrappers_pb2
 
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
-from hpp_csi.volumes import VolumeManager
+from hpp_csi.storage.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 

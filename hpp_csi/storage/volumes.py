@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpp_csi import errors
-from hpp_csi.block_publish import open_image
 from hpp_csi.config import LEGACY_POOL
-from hpp_csi.locks import KeyedLocks
-from hpp_csi.pools import StoragePool
-from hpp_csi.reflink import clone_file, clone_tree
-from hpp_csi.safe_open import open_dir, opened
-from hpp_csi.store import BadEntries, BadEntry, VolumeRecord, describe
+from hpp_csi.linux.reflink import clone_file, clone_tree
+from hpp_csi.linux.safe_open import open_dir, opened
+from hpp_csi.storage.block_publish import open_image
+from hpp_csi.storage.locks import KeyedLocks
+from hpp_csi.storage.pools import StoragePool
+from hpp_csi.storage.store import BadEntries, BadEntry, VolumeRecord, describe
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpp_csi import loop, mounts, xfs
 from hpp_csi.config import PoolConfig
+from hpp_csi.linux import loop, mounts, xfs
 
 log = logging.getLogger(__name__)
 

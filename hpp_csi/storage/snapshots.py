@@ -24,12 +24,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hpp_csi import atomic, errors
-from hpp_csi.pools import StoragePool
-from hpp_csi.reflink import clone_file, clone_tree
-from hpp_csi.safe_open import UnsafePath, open_dir, open_regular, opened
-from hpp_csi.store import BadEntry, describe, read_record_bytes
-from hpp_csi.volumes import Volume, VolumeManager, reading_tenant_data
+from hpp_csi import errors
+from hpp_csi.linux import atomic
+from hpp_csi.linux.reflink import clone_file, clone_tree
+from hpp_csi.linux.safe_open import UnsafePath, open_dir, open_regular, opened
+from hpp_csi.storage.pools import StoragePool
+from hpp_csi.storage.store import BadEntry, describe, read_record_bytes
+from hpp_csi.storage.volumes import Volume, VolumeManager, reading_tenant_data
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-from hpp_csi import errors, mounts
-from hpp_csi.block_publish import Identity
-from hpp_csi.pools import StoragePool
-from hpp_csi.safe_open import open_dir, opened
+from hpp_csi import errors
+from hpp_csi.linux import mounts
+from hpp_csi.linux.safe_open import open_dir, opened
+from hpp_csi.storage.block_publish import Identity
+from hpp_csi.storage.pools import StoragePool
 
 
 def ancestry(dir_fd: int) -> list[Identity]:

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpp_csi import mounts, xfs
 from hpp_csi.config import PoolConfig
+from hpp_csi.linux import mounts, xfs
 from hpp_csi.names import RESERVED_NAMES
-from hpp_csi.pool_device import PoolDeviceError, mount_pool
-from hpp_csi.store import BadEntries, BadEntry, MetadataStore, describe
+from hpp_csi.storage.pool_device import PoolDeviceError, mount_pool
+from hpp_csi.storage.store import BadEntries, BadEntry, MetadataStore, describe
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,16 @@ import logging
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from hpp_csi import block_publish, errors, names
-from hpp_csi.access import check_capabilities, requested_mode, unsupported_reason
-from hpp_csi.publications import Publications
-from hpp_csi.snapshots import SnapshotManager, SnapshotRecord
+from hpp_csi import errors, names
+from hpp_csi.csi.access import check_capabilities, requested_mode, unsupported_reason
+from hpp_csi.csi.topology import matches, node_topology, requirement_allows
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
-from hpp_csi.store import BadEntry
-from hpp_csi.topology import matches, node_topology, requirement_allows
-from hpp_csi.volumes import (
+from hpp_csi.storage import block_publish
+from hpp_csi.storage.publications import Publications
+from hpp_csi.storage.snapshots import SnapshotManager, SnapshotRecord
+from hpp_csi.storage.store import BadEntry
+from hpp_csi.storage.volumes import (
     POOL_PARAMETER,
     CreateSpec,
     Source,

@@ -15,8 +15,9 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from hpp_csi import errors, loop, mounts
-from hpp_csi.safe_open import UnsafePath, open_dir, open_regular, opened
+from hpp_csi import errors
+from hpp_csi.linux import loop, mounts
+from hpp_csi.linux.safe_open import UnsafePath, open_dir, open_regular, opened
 
 log = logging.getLogger(__name__)
 

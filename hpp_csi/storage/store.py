@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpp_csi import atomic, errors
-from hpp_csi.safe_open import UnsafePath, open_regular, opened
+from hpp_csi import errors
+from hpp_csi.linux import atomic
+from hpp_csi.linux.safe_open import UnsafePath, open_regular, opened
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpp_csi import mounts
-from hpp_csi.reflink import ficlone
+from hpp_csi.linux import mounts
+from hpp_csi.linux.reflink import ficlone
 
 FS_IOC_FSGETXATTR = 0x801C581F
 FS_IOC_FSSETXATTR = 0x401C5820

@@ -1,0 +1,1 @@
+"""Linux primitives: mounts, loop devices, XFS and its quotas, reflink copies, safe opens, atomic writes."""
