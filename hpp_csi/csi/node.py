@@ -7,13 +7,12 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
 
 import grpc
 
 from hpp_csi import errors, names
 from hpp_csi.csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
-from hpp_csi.csi.targets import nearest_folder, open_folder, refuse_target_in_pool
+from hpp_csi.csi.targets import TargetCheck, nearest_folder, open_folder
 from hpp_csi.csi.topology import node_topology
 from hpp_csi.linux import mounts
 from hpp_csi.linux.mounts import MS_RDONLY, bind_flags, bind_mount, is_mount_point, mounts_at, umount, visible_options
@@ -149,9 +148,8 @@ class NodeService(csi_grpc.NodeServicer):
             log.info("created ephemeral volume %s in pool %s", volume_id, pool.name)
         return volume
 
-    def _check_folder(self, target: str, is_target: bool = False) -> Callable[[int], None]:
-        pools = list(self.manager.pools.values())
-        return lambda fd: refuse_target_in_pool(fd, target, pools, is_target)
+    def _target_check(self, target: str) -> TargetCheck:
+        return TargetCheck(target, list(self.manager.pools.values()))
 
     def _publish_block(self, volume: Volume, target: str, read_only: bool, mode: int) -> None:
         if not volume.exists_on_disk():
@@ -165,16 +163,17 @@ class NodeService(csi_grpc.NodeServicer):
                     f"volume {volume.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
                     f"{', '.join(others)}"
                 )
-        block_publish.publish(volume.path, target, read_only, self._check_folder(target))
+        block_publish.publish(volume.path, target, read_only, self._target_check(target).folder)
         log.info("published block volume %s at %s", volume.volume_id, target)
 
     def _publish(self, volume: Volume, target: str, flags: int, mode: int) -> None:
         target = as_mounted(target)
         if not volume.exists_on_disk():
             raise errors.not_found(f"volume {volume.volume_id!r} has no data at {volume.path}")
+        check = self._target_check(target)
         with opened(open_folder(nearest_folder(os.path.dirname(target)))) as folder_fd:
             # before anything is created: a target inside a pool is refused without leaving a folder there
-            refuse_target_in_pool(folder_fd, target, list(self.manager.pools.values()), is_target=False)
+            check.folder(folder_fd)
         if is_mount_point(target):
             publications = Publications()
             top = mounts_at(target, publications.table)[-1]
@@ -204,7 +203,7 @@ class NodeService(csi_grpc.NodeServicer):
         try:
             with opened(open_dir_nofollow(target)) as target_fd:
                 try:
-                    self._check_folder(target, is_target=True)(target_fd)  # the folder mounted on, not its name
+                    check.folder(target_fd, is_target=True)  # the folder mounted on, not its name
                 except errors.CsiError:
                     if created:
                         with contextlib.suppress(OSError):

@@ -207,6 +207,24 @@ def mount_sources(text: str | None = None) -> dict[tuple[int, int, str], list[st
     return index
 
 
+def mount_id_of(fd: int) -> int:
+    """The mount an open file (O_PATH too) lives on, as mountinfo numbers it: the kernel's answer for the
+    descriptor, not for a path that may have changed."""
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(f"no mnt_id in /proc/self/fdinfo/{fd}")
+
+
+def mounts_by_id(ids: set[int], text: str | None = None) -> dict[int, MountEntry]:
+    """The mountinfo entries of these mount ids, parsing only their lines (a node may have thousands)."""
+    wanted = {f"{mount_id} " for mount_id in ids}
+    lines = (text if text is not None else MOUNTINFO.read_text()).splitlines()
+    picked = "\n".join(line for line in lines if line[: line.find(" ") + 1] in wanted)
+    return {entry.mount_id: entry for entry in parse_mountinfo(picked)}
+
+
 def mounts_at(target: str | os.PathLike[str], table: list[MountEntry] | None = None) -> list[MountEntry]:
     """Mounts stacked on `target`, oldest first."""
     path = os.path.normpath(os.fspath(target))
