@@ -18,10 +18,13 @@ from importer.fetch import DEFAULT_CONNECTIONS
 from importer.pipeline import Checksum
 from importer.processor import ImportProcessor, ImportRequest, ImportResult
 from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, termination_message, write_termination_message
+from importer.progress_bar import TransferProgress
+from importer.serve import upload_config
 from importer.sources import BlankSource, FileSource, HttpOptions, HttpSource, Source
 from importer.sources.http import parse_header
 from importer.target import DEFAULT_FILESYSTEM_OVERHEAD, open_target
-from importer.units import human, parse_quantity
+from importer.units import human, parse_duration, parse_quantity
+from importer.upload_client import Uploader, UploadRequest, read_token
 
 log = logging.getLogger("hpp-importer")
 
@@ -74,7 +77,153 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"parallel Range requests of our qcow2 and raw readers [{DEFAULT_CONNECTIONS}]")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     imp.add_argument("-v", "--verbose", action="store_true")
+    _add_upload_parser(sub)
+    upload_config.add_arguments(sub.add_parser(
+        "upload-server", help="CDI's upload server: receive one upload over TLS (flags override CDI's variables)"))
+    _add_daemon_parsers(sub)
     return parser
+
+
+def _add_upload_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("upload", help="send a disk image to an upload server (our daemon, upload-server, CDI's proxy)")
+    up.add_argument("--url", required=True, help="https://HOST[:PORT] of the server; /v1beta1/upload... is appended")
+    token = up.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="the bearer token (other users can see it in ps: prefer --token-file)")
+    token.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    up.add_argument("--image-path", type=Path, required=True, help="the image: raw, ISO, qcow2, ..., maybe compressed")
+    trust = up.add_mutually_exclusive_group()
+    trust.add_argument("--ca", type=Path, help="PEM CA certificate(s) to verify the server with [system store]")
+    trust.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    up.add_argument("--async", dest="asynchronous", action="store_true",
+                    help="use upload-async: the server answers once the bytes are in and converts in the background")
+    up.add_argument("--form", action="store_true", help="send a multipart form with field `file` (upload-form)")
+    up.add_argument("--wait-ready", default="60s", help="retry a busy (503) or absent server this long [60s]")
+    up.add_argument("--stall-timeout", default="60s", help="fail when the server takes no data for this long [60s]")
+    up.add_argument("--connect-timeout", default="10s", help="TCP connect and TLS handshake [10s]")
+    up.add_argument("--response-timeout", default="1h", help="wait for the answer after the last byte [1h]")
+    up.add_argument("--progress-interval", default="10s",
+                    help="time between progress lines when stderr is not a terminal [10s]")
+    up.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+
+def run_upload(args: argparse.Namespace) -> int:
+    """`hpp-importer upload`: one line on stdout when the server took the image, one error line otherwise."""
+    try:
+        request = UploadRequest(
+            url=args.url, token=read_token(args.token, args.token_file), image=args.image_path, ca_file=args.ca,
+            insecure=args.insecure, asynchronous=args.asynchronous, form=args.form,
+            wait_ready=parse_duration(args.wait_ready, "--wait-ready"),
+            stall_timeout=parse_duration(args.stall_timeout, "--stall-timeout"),
+            connect_timeout=parse_duration(args.connect_timeout, "--connect-timeout"),
+            response_timeout=parse_duration(args.response_timeout, "--response-timeout"),
+        )
+        interval = parse_duration(args.progress_interval, "--progress-interval")
+        progress = None if args.no_progress else TransferProgress(sys.stderr, interval)
+        result = Uploader(request, progress, notice=lambda text: print(f"hpp-importer: {text}", file=sys.stderr)).run()
+    except ImporterError as err:
+        return _fail(None, str(err))
+    except KeyboardInterrupt:
+        return _fail(None, "upload interrupted") + 129  # 130, as a shell reports SIGINT
+    print(result.summary(request.image))
+    return 0
+
+
+# -- the node upload daemon: `serve` and `upload-token` ---------------------------------------------------
+
+def _add_daemon_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from importer.serve.tokens import DEFAULT_KEY_FILE
+
+    serve = sub.add_parser("serve", help="the node upload daemon: uploads into any volume of this node, with a token")
+    pools = serve.add_mutually_exclusive_group(required=True)
+    pools.add_argument("--datadir", help='the driver\'s pools as JSON: [{"name": ..., "path": ...}]')
+    pools.add_argument("--config", type=Path, help="the driver's HostPathProvisioner CR file (YAML)")
+    serve.add_argument("--listen", required=True, help="HOST:PORT to serve uploads on (HTTPS)")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate, PEM [a self-signed one beside --key-file]")
+    serve.add_argument("--tls-key", type=Path, help="server key, PEM")
+    serve.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
+                       help=f"the node's token signing key, made at first start [{DEFAULT_KEY_FILE}]")
+    serve.add_argument("--healthz-address", help="HOST:PORT of a plain-HTTP GET /healthz [none]")
+    serve.add_argument("--filesystem-overhead", type=float, help="fraction of a file volume kept free "
+                       f"[FILESYSTEM_OVERHEAD, {DEFAULT_FILESYSTEM_OVERHEAD}]")
+    serve.add_argument("--scratch", type=Path, help="scratch directory for formats that need one "
+                       "[the volume's pool's .hpp-csi/staging]")
+    serve.add_argument("--stall-timeout", help="drop a client that sends nothing for this many seconds "
+                       f"[IMPORTER_STALL_TIMEOUT, {DEFAULT_STALL_TIMEOUT:g}]")
+    serve.add_argument("--min-rate", help="drop a client averaging fewer bytes/s over --min-rate-window "
+                       f"[IMPORTER_MIN_RATE, {DEFAULT_MIN_RATE}]")
+    serve.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
+                       f"[IMPORTER_MIN_RATE_WINDOW, {DEFAULT_MIN_RATE_WINDOW:g}]")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    token = sub.add_parser("upload-token", help="print a token allowing one upload into VOLUME on this node")
+    token.add_argument("volume", metavar="VOLUME", help="the volume's ID (its name in the pool)")
+    token.add_argument("--ttl", default="5m", help="how long the token is valid: 300, 300s, 5m, 1h [5m]")
+    token.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
+                       help=f"the node's token signing key, made when missing [{DEFAULT_KEY_FILE}]")
+    token.add_argument("--node", help="the node's name, recorded in the token [this host's name]")
+
+
+def run_upload_token(args: argparse.Namespace) -> int:
+    """Print a token for one volume on stdout, nothing else (so `$(hpp-importer upload-token V)` just works)."""
+    import socket
+
+    from importer.serve import tokens
+    from importer.serve.volumes import valid_volume_name
+
+    try:
+        if not valid_volume_name(args.volume):
+            raise ConfigError(f"invalid volume name {args.volume!r}")
+        key = tokens.load_or_create_key(args.key_file)
+        ttl = parse_duration(args.ttl, "--ttl")
+        token = tokens.issue(key, args.volume, ttl, args.node if args.node is not None else socket.gethostname())
+    except (ImporterError, tokens.TokenError) as err:
+        return _fail(None, str(err))
+    except OSError as err:
+        return _fail(None, f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+    print(token)
+    return 0
+
+
+def run_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Serve uploads until SIGTERM; exit 1 only when it cannot start."""
+    from hpp_csi.config import ConfigError as PoolConfigError
+    from hpp_csi.config import load_cr, parse_datadir
+    from hpp_csi.storage.pools import StoragePool
+    from importer.serve import tokens
+    from importer.serve.daemon import DaemonConfig, UploadDaemon
+    from importer.serve.node_tls import default_hosts, fingerprint, self_signed_pair
+
+    try:
+        pool_configs = parse_datadir(args.datadir) if args.datadir else load_cr(args.config)
+        listen = upload_config.parse_address(args.listen, "--listen")
+        healthz = upload_config.parse_address(args.healthz_address, "--healthz-address") \
+            if args.healthz_address else None
+        overhead_text = env.get("FILESYSTEM_OVERHEAD") or str(DEFAULT_FILESYSTEM_OVERHEAD)
+        if args.filesystem_overhead is not None:
+            overhead_text = str(args.filesystem_overhead)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together (or neither: a self-signed pair is made)")
+        key = tokens.load_or_create_key(args.key_file)
+        cert, tls_key = args.tls_cert, args.tls_key
+        if cert is None:
+            cert, tls_key = self_signed_pair(args.key_file.parent, default_hosts(listen[0]))
+        config = DaemonConfig(
+            listen=listen, pools=[StoragePool(p) for p in pool_configs], tls_cert=cert, tls_key=tls_key,
+            public_key=key.public_key(), healthz=healthz, filesystem_overhead=_fraction(overhead_text),
+            scratch_dir=args.scratch, deadlines=deadlines_from(args, env),
+        )
+        daemon = UploadDaemon(config)
+    except (ImporterError, PoolConfigError, tokens.TokenError) as err:
+        return _fail(None, str(err))
+    except OSError as err:  # a port in use, unreadable files
+        return _fail(None, f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+    health = f", healthz on {healthz[0]}:{daemon.healthz_port}" if healthz else ""
+    print(f"hpp-importer: upload daemon listening on {listen[0]}:{daemon.port}{health}; TLS certificate {cert} "
+          f"SHA-256 fingerprint {fingerprint(cert)}", file=sys.stderr, flush=True)
+    try:
+        daemon.run()
+    except ImporterError as err:  # SIGTERM: the uploads in progress were cancelled and their volumes cleaned
+        print(f"hpp-importer: upload daemon stopped: {err}", file=sys.stderr)
+    return 0
 
 
 def _env_bool(env: Mapping[str, str], name: str) -> bool:
@@ -232,6 +381,41 @@ def run_import(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def run_upload_server(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Serve until one upload is complete (exit 0), the deadline passes while idle (exit 0), or it fails (1)."""
+    from importer.serve.upload_server import Outcome, UploadServer
+
+    termination_log = args.termination_log or (TERMINATION_LOG if TERMINATION_LOG.exists() else None)
+    try:
+        overhead_text = env.get("FILESYSTEM_OVERHEAD") or str(DEFAULT_FILESYSTEM_OVERHEAD)
+        if args.filesystem_overhead is not None:
+            overhead_text = str(args.filesystem_overhead)
+        preallocation = args.preallocation if args.preallocation is not None else _env_bool(env, "PREALLOCATION")
+        config = upload_config.config_from(args, env, deadlines_from(args, env), _fraction(overhead_text),
+                                           preallocation)
+        config.progress = Progress(None, None if args.no_progress else sys.stderr)
+        server = UploadServer(config)
+        print(f"hpp-importer: upload server listening on {config.listen[0]}:{server.port}, healthz on "
+              f"{config.healthz[0]}:{server.healthz_port}", file=sys.stderr, flush=True)
+        outcome = server.run()
+    except ImporterError as err:
+        return _fail(termination_log, str(err))
+    except OSError as err:  # a port in use, unreadable certificates
+        return _fail(termination_log, f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+    if outcome.outcome is Outcome.FAILED:
+        return _fail(termination_log, outcome.error)
+    if outcome.outcome is Outcome.DEADLINE:
+        text = termination_message("Deadline Passed", deadline_passed=True)
+        print("hpp-importer: deadline passed with no upload", file=sys.stderr)
+    else:
+        assert outcome.result is not None
+        text = termination_message("Upload Complete", preallocation_applied=outcome.result.preallocation_applied)
+        print(summary(outcome.result, "upload"))
+    if termination_log is not None:
+        write_termination_message(termination_log, text)
+    return 0
+
+
 def _fail(termination_log: Path | None, message: str, scratch_space_required: bool | None = None) -> int:
     message = re.sub(r"\s+", " ", message).strip()
     if termination_log is not None:
@@ -247,19 +431,26 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv and env.get("IMPORTER_SOURCE"):
         argv = ["import"]  # started as a CDI importer pod: configuration comes from the environment
+    elif not argv and any(env.get(name) for name in upload_config.CDI_UPLOAD_ENV):
+        argv = ["upload-server"]  # started as a CDI upload server pod
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "import":
+    if args.command == "upload":
+        return run_upload(args)
+    if args.command == "upload-token":
+        return run_upload_token(args)
+    if args.command not in ("import", "upload-server", "serve"):
         parser.print_help(sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="hpp-importer: %(levelname)s: %(message)s")
+    run = {"import": run_import, "upload-server": run_upload_server, "serve": run_serve}[args.command]
     # Kubelet stops a pod with SIGTERM: unwind like any failure so temporary and scratch files are removed.
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        return run_import(args, env)
+        return run(args, env)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run_import(args, env)
+        return run(args, env)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

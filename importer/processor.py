@@ -86,11 +86,12 @@ def choose_route(fmt: str, compressed: bool, random_access: bool, hash_before_co
     return Route.DIRECT
 
 
-def scratch_reason(fmt: str, compressions: list[str], random_access: bool) -> str:
+def scratch_reason(fmt: str, compressions: list[str], random_access: bool,
+                   sequential_reason: str = Source.sequential_reason) -> str:
     if compressions:
         return f"a {'+'.join(compressions)}-compressed {fmt} image must be decompressed before conversion"
     if not random_access:
-        return f"the server does not support Range requests, so the {fmt} image must be downloaded first"
+        return f"{sequential_reason}, so the {fmt} image must be stored first"
     return f"the {fmt} image must be downloaded and its checksum verified before conversion"
 
 
@@ -220,7 +221,8 @@ class ImportProcessor:
             compressed = bool(self.layers.compressions)
             self.route = choose_route(self.fmt, compressed, info.random_access, hash_first)
         if self.route is Route.SCRATCH and req.scratch_dir is None:
-            raise ScratchSpaceRequired(scratch_reason(self.fmt, self.layers.compressions, info.random_access))
+            raise ScratchSpaceRequired(scratch_reason(self.fmt, self.layers.compressions, info.random_access,
+                                                      req.source.sequential_reason))
         return Phase.VALIDATE
 
     def _validate(self) -> Phase:

@@ -98,7 +98,8 @@ def default_stream() -> TextIO:
 
 
 def termination_message(
-    message: str, *, scratch_space_required: bool | None = None, preallocation_applied: bool | None = None
+    message: str, *, scratch_space_required: bool | None = None, preallocation_applied: bool | None = None,
+    deadline_passed: bool | None = None,
 ) -> str:
     """CDI's TerminationMessage JSON, shortened to what kubelet keeps."""
     body: dict[str, object] = {}
@@ -106,6 +107,8 @@ def termination_message(
         body["scratchSpaceRequired"] = scratch_space_required
     if preallocation_applied is not None:
         body["preallocationApplied"] = preallocation_applied
+    if deadline_passed is not None:
+        body["deadlinePassed"] = deadline_passed
     body["message"] = message
     text = json.dumps(body)
     while len(text.encode()) > _TERMINATION_LIMIT and len(message) > 16:

@@ -25,6 +25,8 @@ class Source(abc.ABC):
 
     description: str = "source"
     watch: ProgressWatch | None = None  # the progress deadlines of a remote source; None for local ones
+    # Why the bytes can only be read in order, when probe() says so (it names the cause in scratch errors).
+    sequential_reason: str = "the server does not support Range requests"
 
     @abc.abstractmethod
     def probe(self) -> SourceInfo:

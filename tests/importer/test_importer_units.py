@@ -16,9 +16,10 @@ from importer import formats, qemu_img
 from importer.cli import extra_headers_from_env, resolve_overhead
 from importer.errors import ChecksumMismatch, ConfigError, ImageTooLarge, InvalidImage
 from importer.pipeline import Checksum
-from importer.processor import Route, choose_route
+from importer.processor import Route, choose_route, scratch_reason
 from importer.progress import ImportMetrics, Progress, termination_message
 from importer.sources.http import parse_header
+from importer.sources.upload import UploadSource
 from importer.target import (
     WRITEBACK_INTERVAL,
     BackgroundWriter,
@@ -220,3 +221,12 @@ def test_background_writer_writes_in_order_and_reports_the_writers_error(tmp_pat
             background.close()
     finally:
         os.close(fd)
+
+
+def test_scratch_reason_names_why_the_bytes_come_in_order() -> None:
+    """An upload that needs scratch must not blame a server's Range support."""
+    upload = UploadSource(io.BytesIO(b""), None)
+    assert scratch_reason("qcow2", [], False, upload.sequential_reason) == (
+        "an upload arrives as one stream, so the qcow2 image must be stored first")
+    assert "does not support Range requests" in scratch_reason("qcow2", [], False)
+    assert scratch_reason("vmdk", ["gz"], False, upload.sequential_reason).startswith("a gz-compressed vmdk")
