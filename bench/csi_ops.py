@@ -219,6 +219,12 @@ def main() -> int:
         f"{notes.get(f'rss_mib_{opts.existing}', 0):.1f} MiB ({opts.existing} existing)",
         "- Targets (issue #2, 2 cores): sequential CreateVolume >= 800 ops/s; NodePublishVolume p50 <= 2 ms; "
         "CreateVolume p50 <= 2 ms with 10,000 volumes; RSS <= 80 MiB; start-up with 10,000 volumes < 1 s.",
+        "- What the security rules cost (docs/security.md): NodePublishVolume checks that the target is outside "
+        "every pool by walking `..` from descriptors (statx for each folder's mount, mountinfo read only when a "
+        "folder sits on a pool's filesystem through another mount); a first version that looked at every mount "
+        "of the node took p50 from about 1.1 ms to 9 ms with 500 targets published. Start-up reads every record "
+        "once so a bad one is reported at start: 0.84-1.10 s over five runs on 2026-12-01 with 10,000 volumes, "
+        "0.85 s before.",
     ])
     update_section("csi_ops", table)
     print(table)

@@ -124,6 +124,13 @@ class TargetCheck:
         return False
 
     def _check_mounts(self, chain: list[Folder], opened_pools: list[tuple[StoragePool, Identity, int, str]]) -> None:
+        # Only a folder on a pool's filesystem reached through another mount than the pool's own can be in a view
+        # of the pool (a bind mount): within the pool's own mount, walking `..` would have met the pool itself.
+        pool_mounts = {(identity[0], mount_id) for _, identity, mount_id, _ in opened_pools}
+        pool_devices = {device for device, _ in pool_mounts}
+        if not any(folder.identity[0] in pool_devices and (folder.identity[0], folder.mount_id) not in pool_mounts
+                   for folder in chain):
+            return
         table = mounts.mounts_by_id({folder.mount_id for folder in chain} | {m for _, _, m, _ in opened_pools})
         through = [table[folder.mount_id] for folder in chain if folder.mount_id in table]
         for place in _place(opened_pools, table):

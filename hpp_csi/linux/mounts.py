@@ -51,6 +51,10 @@ STATX_ATTR_MOUNT_ROOT = 0x2000
 _STATX_SIZE = 256
 _STATX_ATTRIBUTES = slice(8, 16)
 _STATX_ATTRIBUTES_MASK = slice(56, 64)
+_STATX_MASK = slice(0, 4)
+_STATX_MNT_ID = slice(144, 152)
+STATX_MNT_ID = 0x1000
+AT_EMPTY_PATH = 0x1000
 
 
 # The per-mount options mountinfo shows for the flags above, to tell whether a mount carries what was asked.
@@ -209,7 +213,13 @@ def mount_sources(text: str | None = None) -> dict[tuple[int, int, str], list[st
 
 def mount_id_of(fd: int) -> int:
     """The mount an open file (O_PATH too) lives on, as mountinfo numbers it: the kernel's answer for the
-    descriptor, not for a path that may have changed."""
+    descriptor, not for a path that may have changed. statx(STATX_MNT_ID) where the kernel has it (5.8+),
+    else /proc/self/fdinfo."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH, STATX_MNT_ID, buf) == 0:
+        raw = buf.raw
+        if int.from_bytes(raw[_STATX_MASK], "little") & STATX_MNT_ID:
+            return int.from_bytes(raw[_STATX_MNT_ID], "little")
     with open(f"/proc/self/fdinfo/{fd}") as info:
         for line in info:
             if line.startswith("mnt_id:"):
