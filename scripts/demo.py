@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -149,6 +150,60 @@ def import_disk(volume_dir: Path) -> None:
           "(checked with qemu-img compare)")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo failed: the upload daemon exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"demo failed: the upload daemon did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
+
+
+def upload_disk() -> None:
+    """The node upload daemon beside the driver: a token for one volume, then our client uploads a gzipped disk."""
+    raw = RUN / "images" / "disk.raw"
+    if not raw.exists():
+        print("(no image from the import step: skipping the upload step)")
+        return
+    packed = RUN / "images" / "disk.raw.gz"
+    with raw.open("rb") as source, packed.open("wb") as out:
+        subprocess.run(["gzip", "-c"], stdin=source, stdout=out, check=True)
+    keys, port = RUN / "upload-keys", free_port()
+    command = [str(BIN / "hpp-importer"), "serve", "--datadir", f'[{{"name": "legacy", "path": "{POOL}"}}]',
+               "--listen", f"127.0.0.1:{port}", "--key-file", str(keys / "upload-signing.key")]
+    print("$ " + " ".join(command), flush=True)
+    daemon = subprocess.Popen(command)
+    try:
+        wait_listening(port, daemon)
+        token = subprocess.run([str(BIN / "hpp-importer"), "upload-token", "demo-upload", "--ttl", "5m",
+                                "--key-file", str(keys / "upload-signing.key")],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        token_file = keys / "token"
+        token_file.write_text(token + "\n")
+        print("$ hpp-importer upload-token demo-upload --ttl 5m > token   # signed with the node's key")
+        command = [str(BIN / "hpp-importer"), "upload", "--url", f"https://127.0.0.1:{port}", "--token-file",
+                   str(token_file), "--image-path", str(packed), "--ca", str(keys / "upload-tls.crt"), "--no-progress"]
+        print("$ " + " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    disk = POOL / "demo-upload" / "disk.img"
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(disk)],
+                             capture_output=True, text=True)
+    if compare.returncode != 0:
+        raise SystemExit(f"demo failed: {disk} differs from the source image:\n{compare.stdout}{compare.stderr}")
+    print(f"{disk} holds the uploaded image, decompressed on the way (checked with qemu-img compare)")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root: publishing a volume is a bind mount", file=sys.stderr)
@@ -174,6 +229,10 @@ def main() -> int:
         say("unpublish and delete")
         ctl("unpublish", "demo-disk", str(TARGET))
         ctl("delete", "demo-disk")
+        say("upload a disk into a new volume through the node upload daemon, with a token")
+        ctl("create", "demo-upload", "--size", "128Mi")
+        upload_disk()
+        ctl("delete", "demo-upload")
         ctl("list")
     say("demo complete")
     return 0

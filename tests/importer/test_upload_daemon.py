@@ -26,7 +26,7 @@ from uploadkit import HPP_IMPORTER, Certs, curl, make_certs
 from importer.serve import tokens
 
 if os.geteuid() != 0:  # the driver's bind mounts need root
-    pytest.skip("the upload daemon tests need root", allow_module_level=True)
+    pytest.fail("the upload daemon tests need root (bind mounts, loop devices)", pytrace=False)
 
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)(?:, healthz on 127\.0\.0\.1:(\d+))?; "
                         r"TLS certificate (\S+) SHA-256 fingerprint ([0-9A-F:]+)")
