@@ -61,6 +61,7 @@ bench: install $(CDI_DOWNLOAD)
 	$(BIN)/python bench/csi_ops.py
 	$(BIN)/python bench/clone.py
 	$(BIN)/python bench/import.py
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -104,6 +104,9 @@ def _add_upload_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     up.add_argument("--progress-interval", default="10s",
                     help="time between progress lines when stderr is not a terminal [10s]")
     up.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    up.add_argument("--retries", type=int, default=5,
+                    help="after a broken connection, resume (or restart) the upload this many times [5]")
+    up.add_argument("--no-resume", action="store_true", help="send no resume headers: a broken upload just fails")
 
 
 def run_upload(args: argparse.Namespace) -> int:
@@ -116,6 +119,7 @@ def run_upload(args: argparse.Namespace) -> int:
             stall_timeout=parse_duration(args.stall_timeout, "--stall-timeout"),
             connect_timeout=parse_duration(args.connect_timeout, "--connect-timeout"),
             response_timeout=parse_duration(args.response_timeout, "--response-timeout"),
+            retries=max(0, args.retries), resume=not args.no_resume,
         )
         interval = parse_duration(args.progress_interval, "--progress-interval")
         progress = None if args.no_progress else TransferProgress(sys.stderr, interval)

@@ -7,6 +7,7 @@ loop around attempts (Uploader.run) is the only place that decides to wait, retr
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import re
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 from importer.errors import ConfigError, ImporterError
 from importer.progress_bar import TransferProgress
-from importer.units import KiB, human
+from importer.units import KiB, MiB, human
 from importer.units import parse_duration as parse_duration  # its home before importer.units
 
 API_PREFIX = "/v1beta1"
@@ -38,6 +39,12 @@ DEFAULT_CONTINUE_WAIT = 1.0  # as curl: a server that never answers `Expect: 100
 EARLY_ANSWER_WAIT = 2.0  # after the server cut the body short, how long its reason may take to arrive
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 2.0
+DEFAULT_RETRIES = 5  # resumptions after a broken connection
+ID_SAMPLE = MiB  # the upload id covers the image's size, mtime and first and last MiB
+HASH_CHUNK = 4 * MiB
+# The resume protocol (docs/upload.md); the server's names live in importer.serve.resume.
+ID_HEADER, LENGTH_HEADER, OFFSET_HEADER, CHECKSUM_HEADER = "Upload-Id", "Upload-Length", "Upload-Offset", \
+    "Upload-Checksum"
 
 
 class UploadError(ImporterError):
@@ -98,6 +105,8 @@ class UploadRequest:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # TCP connect plus TLS handshake
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT  # from the last byte sent to the server's answer
     continue_wait: float = DEFAULT_CONTINUE_WAIT
+    retries: int = DEFAULT_RETRIES  # how many times a broken connection is resumed (or restarted)
+    resume: bool = True  # send the resume headers (never with --form)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,7 @@ class Answer:
     status: int
     reason: str
     text: str
+    offset: int | None = None  # Upload-Offset: where the server wants a resumable upload to continue
 
     def describe(self) -> str:
         return f"{self.status} {self.reason}" + (f": {self.text}" if self.text else "")
@@ -131,6 +141,10 @@ class _NotReady(Exception):
     """This attempt met a server that is not up yet or busy: worth another try until --wait-ready expires."""
 
 
+class _Broken(UploadError):
+    """The connection broke while the body was sent: a resumable upload asks where to continue and goes on."""
+
+
 class ImageFile:
     """The local image, opened once: a regular file or a block device, whose size must not change under us."""
 
@@ -153,8 +167,32 @@ class ImageFile:
                               f"{self.size} announced")
         return data
 
+    def upload_id(self) -> str:
+        """Stable for one image: a client started again with the same file finds its interrupted upload."""
+        digest = hashlib.sha256(f"{self.size}:{os.fstat(self.fd).st_mtime_ns}:".encode())
+        digest.update(os.pread(self.fd, ID_SAMPLE, 0))
+        digest.update(os.pread(self.fd, ID_SAMPLE, max(0, self.size - ID_SAMPLE)))
+        return digest.hexdigest()[:40]
+
+    def sha256(self) -> str:
+        """The whole image's digest, checked by the server over all the bytes it took, across connections."""
+        digest, offset = hashlib.sha256(), 0
+        while offset < self.size:
+            data = self.read(offset, min(HASH_CHUNK, self.size - offset))
+            digest.update(data)
+            offset += len(data)
+        return digest.hexdigest()
+
     def close(self) -> None:
         os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A resumable upload's identity: its id and the whole image's checksum."""
+
+    upload_id: str
+    checksum: str
 
 
 class Body:
@@ -211,18 +249,43 @@ class Uploader:
 
     def _run(self, image: ImageFile) -> UploadResult:
         body = Body(image, self.request.form)
+        resume = None
+        if self.request.resume and not self.request.form:
+            resume = Resume(image.upload_id(), f"sha256:{image.sha256()}")
         deadline = self.clock() + self.request.wait_ready
         delay = FIRST_RETRY_DELAY
+        breaks = 0
+        offset: int | None = None  # None: ask the server
+        started = self.clock()
         while True:
-            started = self.clock()
             try:
-                answer = self._attempt(body)
+                if offset is None:
+                    offset = self._ask_offset(resume, image.size) if resume is not None else 0
+                answer = self._attempt(body, resume, offset)
             except _NotReady as err:
                 waiting_for = str(err)
+            except _Broken as err:
+                if resume is None:
+                    raise
+                breaks += 1
+                if breaks > self.request.retries:
+                    self.notice(f"giving up after {self.request.retries} retries (--retries)")
+                    raise
+                self.notice(f"{err}; resuming (retry {breaks} of {self.request.retries})")
+                offset, deadline, delay = None, self.clock() + self.request.wait_ready, FIRST_RETRY_DELAY
+                time.sleep(FIRST_RETRY_DELAY)
+                continue
             else:
+                if answer.status == 409 and resume is not None and answer.offset is not None \
+                        and breaks < self.request.retries:
+                    breaks += 1
+                    self.notice(f"{self.url} answered {answer.describe()}; continuing at byte {answer.offset}")
+                    offset = answer.offset
+                    continue
                 if answer.status != 503:
                     break
                 waiting_for = f"it answered {answer.describe()}"
+                offset = None
             left = deadline - self.clock()
             if left <= 0:
                 raise UploadError(f"{self.url} was not ready to take the upload within {self.request.wait_ready:g} s "
@@ -236,17 +299,41 @@ class Uploader:
 
     # -- one attempt: one connection -------------------------------------------------------------------
 
-    def _attempt(self, body: Body) -> Answer:
+    def _attempt(self, body: Body, resume: Resume | None, offset: int) -> Answer:
         sock = self._connect()
         try:
             reader = _Reader(sock)
-            sock.sendall(self._head(body))
+            sock.sendall(self._head(body, resume, offset))
             early = self._await_continue(sock, reader)
             if early is not None:
                 return early
-            return self._send_body(sock, reader, body)
+            return self._send_body(sock, reader, body, offset)
         finally:
             sock.close()
+
+    def _ask_offset(self, resume: Resume, size: int) -> int:
+        """Where the server stands with this image's upload: HEAD with its id; 0 when it holds none."""
+        sock = self._connect()
+        try:
+            reader = _Reader(sock)
+            lines = [f"HEAD {self.path} HTTP/1.1", f"Host: {self.host_header}", f"User-Agent: {USER_AGENT}",
+                     f"Authorization: Bearer {self.request.token}", f"{ID_HEADER}: {resume.upload_id}",
+                     "Connection: close"]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            sock.settimeout(self.request.stall_timeout or self.request.response_timeout)
+            status, _reason = self._status_line(reader)
+            headers = http.client.parse_headers(reader)
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise _NotReady(f"asking where the upload stands failed: {err}") from err
+        finally:
+            sock.close()
+        offset, length = _offset(headers.get(OFFSET_HEADER)), _offset(headers.get(LENGTH_HEADER))
+        if status == 503:
+            raise _NotReady("it answered 503 to the resume query")
+        if status != 200 or offset is None or length != size or offset >= size:
+            return 0  # no interrupted upload of this image there (or a server that does not resume: CDI)
+        self.notice(f"{self.host} holds {offset} of {size} bytes of this image; resuming at byte {offset}")
+        return offset
 
     def _connect(self) -> ssl.SSLSocket:
         timeout = self.request.connect_timeout
@@ -273,17 +360,20 @@ class Uploader:
             raw.close()
             raise UploadError(f"TLS handshake with {self.host}:{self.port} failed: {err}") from err
 
-    def _head(self, body: Body) -> bytes:
+    def _head(self, body: Body, resume: Resume | None, offset: int) -> bytes:
         lines = [
             f"POST {self.path} HTTP/1.1",
             f"Host: {self.host_header}",
             f"User-Agent: {USER_AGENT}",
             f"Authorization: Bearer {self.request.token}",
             f"Content-Type: {body.content_type}",
-            f"Content-Length: {body.length}",
+            f"Content-Length: {body.length - offset}",
             "Expect: 100-continue",  # a busy or refusing server answers before we send gigabytes for nothing
             "Connection: close",
         ]
+        if resume is not None:
+            lines += [f"{ID_HEADER}: {resume.upload_id}", f"{LENGTH_HEADER}: {body.length}",
+                      f"{OFFSET_HEADER}: {offset}", f"{CHECKSUM_HEADER}: {resume.checksum}"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def _await_continue(self, sock: ssl.SSLSocket, reader: _Reader) -> Answer | None:
@@ -298,19 +388,20 @@ class Uploader:
             headers = http.client.parse_headers(reader)
             if status == 100:
                 return None
-            return Answer(status, reason, self._text(reader, headers))
+            return Answer(status, reason, self._text(reader, headers), _offset(headers.get(OFFSET_HEADER)))
         except (OSError, http.client.HTTPException, ValueError) as err:
             # Also how a server that wants a client certificate says so under TLS 1.3: an alert on first read.
             raise UploadError(f"{self.host}:{self.port} broke the connection before the upload started: {err}") \
                 from err
 
-    def _send_body(self, sock: ssl.SSLSocket, reader: _Reader, body: Body) -> Answer:
-        """Streams the body; every send must make progress within the stall timeout."""
+    def _send_body(self, sock: ssl.SSLSocket, reader: _Reader, body: Body, offset: int = 0) -> Answer:
+        """Streams the body from offset (a resumed upload; never with a form); every send must make progress
+        within the stall timeout."""
         stall = self.request.stall_timeout
         sock.settimeout(stall if stall > 0 else None)
-        image, sent = body.image, 0
+        image, sent = body.image, offset
         if self.progress is not None:
-            self.progress.restart(body.length)
+            self.progress.restart(body.length, offset)
         try:
             sock.sendall(body.prefix)
             while sent < image.size:
@@ -323,15 +414,15 @@ class Uploader:
             if self.progress is not None:
                 self.progress.update(body.length)
         except TimeoutError as err:
-            raise UploadError(f"the server accepted no data for {stall:g} s after {sent} of {image.size} bytes: "
-                              "stall timeout (--stall-timeout)") from err
+            raise _Broken(f"the server accepted no data for {stall:g} s after {sent} of {image.size} bytes: "
+                          "stall timeout (--stall-timeout)") from err
         except OSError as err:
             # The server may have stopped reading to say why (409, 400, a 503 when it got busy): read that.
             answer = self._answer_after_break(sock, reader)
             if answer is not None:
                 return answer
-            raise UploadError(f"the connection to {self.host}:{self.port} broke after {sent} of {image.size} "
-                              f"bytes: {err.strerror or err}") from err
+            raise _Broken(f"the connection to {self.host}:{self.port} broke after {sent} of {image.size} "
+                          f"bytes: {err.strerror or err}") from err
         finally:
             if self.progress is not None:
                 self.progress.finish()
@@ -360,7 +451,7 @@ class Uploader:
             status, reason = self._status_line(reader)
             headers = http.client.parse_headers(reader)
             if status >= 200:
-                return Answer(status, reason, self._text(reader, headers))
+                return Answer(status, reason, self._text(reader, headers), _offset(headers.get(OFFSET_HEADER)))
 
     @staticmethod
     def _status_line(reader: _Reader) -> tuple[int, str]:
@@ -393,6 +484,10 @@ class Uploader:
             except OSError:
                 data = reader.drain()  # what arrived before the connection broke is all the text there is
         return one_line(data.decode("utf-8", errors="replace"))
+
+
+def _offset(text: str | None) -> int | None:
+    return int(text.strip()) if text is not None and text.strip().isdigit() else None
 
 
 class _Reader:

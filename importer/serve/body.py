@@ -51,6 +51,10 @@ class BodyReader:
             self.eof = True
         return out
 
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
+
     def close(self) -> None:
         pass  # the connection belongs to the handler, which answers on it
 

@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hpp_csi.storage.pools import StoragePool
 from importer.deadline import Deadlines
 from importer.serve import tokens
+from importer.serve.resume import DEFAULT_HOLD, upload_id_of
 from importer.serve.tls import server_context
 from importer.serve.upload_server import (
+    POLL_INTERVAL,
     UPLOAD_METHODS,
     UPLOAD_PATHS,
     HealthzHandler,
@@ -54,6 +56,7 @@ class DaemonConfig:
     filesystem_overhead: float = DEFAULT_FILESYSTEM_OVERHEAD
     scratch_dir: Path | None = None  # None: the volume's pool's staging folder
     deadlines: Deadlines = field(default_factory=Deadlines)
+    resume_hold: float = DEFAULT_HOLD
 
 
 def requested_volume(token: str, query: str) -> str:
@@ -81,7 +84,7 @@ class UploadDaemon:
         self._base = UploadServerConfig(
             listen=config.listen, healthz=config.healthz or ("", 0), open_target=_no_target,
             tls_cert=config.tls_cert, tls_key=config.tls_key, filesystem_overhead=config.filesystem_overhead,
-            deadlines=config.deadlines,
+            deadlines=config.deadlines, resume_hold=config.resume_hold,
         )
         # Refused requests still have a body to drain under the same deadlines; this slot never admits one.
         refused = UploadSlot(self._base)
@@ -103,7 +106,7 @@ class UploadDaemon:
 
     def start(self) -> None:
         for httpd in self._servers:
-            thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+            thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,), name="http", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -129,18 +132,18 @@ class UploadDaemon:
 
     # -- called by the handler threads ----------------------------------------------------------------
 
-    def admission(self, authorization: str | None, query: str) -> tuple[UploadSlot | None, Refusal | None]:
-        """401 for the token, 404 for an unknown volume, 409 for a busy one; else the volume's slot and its answer."""
-        try:
-            token = tokens.bearer(authorization)
-            volume_id = requested_volume(token, query)
-            tokens.verify(self.config.public_key, token, volume_id)
-        except tokens.TokenError as err:
-            return None, (401, str(err))
-        volume = find_volume(self.config.pools, volume_id)
+    def admission(self, authorization: str | None, query: str,
+                  upload_id: str | None = None) -> tuple[UploadSlot | None, Refusal | None]:
+        """401 for the token, 404 for an unknown volume, 409 for a busy one; else the volume's slot and its answer.
+
+        A request continuing the volume's resumable upload in progress (upload_id) is let through to its slot.
+        """
+        volume, refusal = self.authorize(authorization, query)
         if volume is None:
-            return None, (404, f"volume {volume_id!r} does not exist on this node")
+            return None, refusal
         slot = self._slot_for(volume)
+        if upload_id is not None and slot.resumable_for(upload_id) is not None:
+            return slot, None
         with slot.lock:
             busy = admission_status(slot.state)
         if busy is not None:
@@ -150,9 +153,25 @@ class UploadDaemon:
         except VolumeBusy as err:
             return None, (409, str(err))
         except OSError as err:  # the mount table or the pool unreadable: not the client's fault
-            log.error("cannot check volume %s before an upload: %s", volume_id, err)
-            return None, (500, f"cannot check volume {volume_id!r}: {err.strerror or err}")
+            log.error("cannot check volume %s before an upload: %s", volume.volume_id, err)
+            return None, (500, f"cannot check volume {volume.volume_id!r}: {err.strerror or err}")
         return slot, None
+
+    def authorize(self, authorization: str | None, query: str) -> tuple[NodeVolume | None, Refusal | None]:
+        """The volume the bearer token allows (401 for the token, 404 for a volume not on this node)."""
+        try:
+            token = tokens.bearer(authorization)
+            volume_id = requested_volume(token, query)
+            tokens.verify(self.config.public_key, token, volume_id)
+        except tokens.TokenError as err:
+            return None, (401, str(err))
+        volume = find_volume(self.config.pools, volume_id)
+        if volume is None:
+            return None, (404, f"volume {volume_id!r} does not exist on this node")
+        return volume, None
+
+    def slot_of(self, volume: NodeVolume) -> UploadSlot:
+        return self._slot_for(volume)
 
     def _slot_for(self, volume: NodeVolume) -> UploadSlot:
         """The volume's slot, shared by every request for it so that only one is admitted at a time.
@@ -201,9 +220,17 @@ class DaemonHandler(UploadHandler):
     def _refusal(self) -> Refusal | None:
         if self.command not in UPLOAD_METHODS or self._route() not in UPLOAD_PATHS:
             return 404, ""
-        slot, refusal = self.daemon.admission(self.headers.get("Authorization"), urlsplit(self.path).query)
+        slot, refusal = self.daemon.admission(self.headers.get("Authorization"), urlsplit(self.path).query,
+                                              upload_id_of(self.headers))
         if slot is not None:
             self.app = slot
         if refusal is not None:
             log.info("upload refused with %d: %s", refusal[0], refusal[1])
+        return refusal
+
+    def _authorize(self) -> Refusal | None:
+        """The token alone (for HEAD with Upload-Id): the request is bound to its volume's slot."""
+        volume, refusal = self.daemon.authorize(self.headers.get("Authorization"), urlsplit(self.path).query)
+        if volume is not None:
+            self.app = self.daemon.slot_of(volume)
         return refusal

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from importer.deadline import Deadlines
 from importer.errors import ConfigError
+from importer.serve.resume import DEFAULT_HOLD
 from importer.serve.upload_server import UploadServerConfig
 from importer.target import DISK_IMAGE_NAME, Target, open_target
 from importer.units import parse_quantity
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "[IMPORTER_MIN_RATE, 1024]")
     parser.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
                         "[IMPORTER_MIN_RATE_WINDOW, 120]")
+    parser.add_argument("--resume-hold", type=float, default=DEFAULT_HOLD,
+                        help="seconds an interrupted resumable upload waits for its continuation [600]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -129,6 +132,7 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str], deadlines: Dea
         scratch_dir=scratch,
         deadline=parse_deadline(deadline_text) if deadline_text else None,
         deadlines=deadlines,
+        resume_hold=args.resume_hold,
     )
 
 

@@ -20,12 +20,24 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from importer.deadline import Deadlines, ProgressWatch
-from importer.errors import ImporterError, InvalidImage
-from importer.pipeline import Reader
+from importer.errors import ChecksumMismatch, ConfigError, ImporterError, InvalidImage
+from importer.pipeline import Checksum, Reader
 from importer.processor import ImportProcessor, ImportRequest, ImportResult
 from importer.progress import Progress
 from importer.serve.body import BadRequest, BodyReader
 from importer.serve.multipart import FormFileReader, boundary_of
+from importer.serve.resume import (
+    DEFAULT_HOLD,
+    ID_HEADER,
+    LENGTH_HEADER,
+    OFFSET_HEADER,
+    OffsetConflict,
+    ResumableStream,
+    ResumeRequest,
+    resume_request,
+    upload_id_of,
+    wait_for_answer,
+)
 from importer.serve.tls import common_names, server_context
 from importer.sources.upload import UploadSource
 from importer.target import Target
@@ -40,6 +52,8 @@ FORM_ASYNC_PATHS = frozenset(f"/{v}/upload-form-async" for v in API_VERSIONS)
 UPLOAD_PATHS = SYNC_PATHS | ASYNC_PATHS | FORM_PATHS | FORM_ASYNC_PATHS
 UPLOAD_METHODS = ("POST", "PUT")
 HEALTHZ_PATH = "/healthz"
+# How often the accept loops look for a shutdown: the server exits this soon after its answer (default 0.5 s).
+POLL_INTERVAL = 0.05
 HEADER_TIMEOUT = 30.0  # TLS handshake and request headers: a silent connection is dropped after this
 DRAIN_LIMIT = 16 * 1024 * 1024  # after an early answer, read at most this much of the body so the client sees it
 DRAIN_SECONDS = 5.0
@@ -62,6 +76,7 @@ class UploadServerConfig:
     deadline: datetime.datetime | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     progress: Progress | None = None
+    resume_hold: float = DEFAULT_HOLD  # how long a broken resumable upload waits for its continuation
 
 
 class State(Enum):
@@ -95,8 +110,9 @@ def admission_status(state: State) -> tuple[int, str] | None:
 
 
 def error_status(err: BaseException) -> int:
-    """400 for what the client sent (a malformed request, an image refused or too large), 500 for the rest."""
-    return 400 if isinstance(err, (InvalidImage, BadRequest)) else 500
+    """400 for what the client sent (a malformed request, an image refused or too large, a checksum that does not
+    match), 500 for the rest."""
+    return 400 if isinstance(err, (InvalidImage, BadRequest, ChecksumMismatch)) else 500
 
 
 class UploadJob:
@@ -119,9 +135,12 @@ class UploadJob:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    def wait(self, async_answer: bool) -> None:
-        """Until the import ends; for an async upload, only until the last byte of the image is in."""
-        (self.wake if async_answer else self.ended).wait()
+    def wait(self, async_answer: bool, lost: threading.Event | None = None) -> bool:
+        """Until the import ends; for an async upload, only until the last byte of the image is in.
+
+        False when the request's connection lost a resumable upload first (it is parked, or taken over).
+        """
+        return wait_for_answer(self.wake if async_answer else self.ended, lost)
 
     def _run(self) -> None:
         try:
@@ -147,6 +166,7 @@ class UploadSlot:
         self.cancelled = threading.Event()
         self.outcome: ServerResult | None = None
         self.job: UploadJob | None = None
+        self.resumable: ResumableStream | None = None  # the job's stream, when its upload can be resumed
 
     def cancel(self) -> None:
         """Stopped by a signal: the upload in progress unwinds (its target cleaned) before we go."""
@@ -164,21 +184,34 @@ class UploadSlot:
                 self.state = State.UPLOADING
             return status
 
-    def start_job(self, stream: Reader, size: int | None) -> UploadJob:
+    def resumable_for(self, upload_id: str) -> ResumableStream | None:
+        """The upload in progress when it is the resumable one named upload_id."""
+        with self.lock:
+            stream = self.resumable
+            return stream if stream is not None and stream.upload_id == upload_id else None
+
+    def start_job(self, stream: Reader, size: int | None, checksum: str | None = None) -> UploadJob:
         cfg = self.config
         wake = threading.Event()
         source = UploadSource(stream, size, received=wake)
         try:
+            try:
+                expected = Checksum(checksum) if checksum is not None else None
+            except ConfigError as err:
+                raise BadRequest(str(err)) from err
             request = ImportRequest(
                 source=source, target=cfg.open_target(), image_size=cfg.image_size,
                 filesystem_overhead=cfg.filesystem_overhead, preallocation=cfg.preallocation,
-                scratch_dir=cfg.scratch_dir, progress=cfg.progress or Progress(),
+                scratch_dir=cfg.scratch_dir, progress=cfg.progress or Progress(), checksum=expected,
             )
         except BaseException:
             self.release()
             raise
         job = UploadJob(request, wake, self._job_ended)
         self.job = job
+        if isinstance(stream, ResumableStream):
+            with self.lock:
+                self.resumable = stream
         job.start()
         return job
 
@@ -207,6 +240,13 @@ class UploadSlot:
     def _job_ended(self, job: UploadJob) -> None:
         with self.lock:
             job.done = True
+            stream, self.resumable = self.resumable, None
+            orphaned = stream is not None and stream.parked  # no request waits to answer: settle here
+            if stream is not None:
+                stream.close()
+            if orphaned and not job.handed_off:
+                self._settle_orphan(job)
+                return
             if not job.handed_off:
                 return  # the waiting handler answers and settles
             if job.error is None:
@@ -215,6 +255,16 @@ class UploadSlot:
             else:
                 log.error("upload failed after it was accepted: %s", job.error)
                 self.outcome = ServerResult(Outcome.FAILED, error=_message(job.error))
+        self.finished.set()
+
+    def _settle_orphan(self, job: UploadJob) -> None:
+        """Under the lock: a resumable upload ended while parked (not resumed in time, or cancelled)."""
+        if job.error is not None:
+            log.warning("resumable upload failed while interrupted: %s", job.error)
+            self.state = State.IDLE  # the target is clean again: the next upload may come
+            return
+        self.state = State.DONE
+        self.outcome = ServerResult(Outcome.COMPLETE, job.result)
         self.finished.set()
 
 
@@ -258,7 +308,7 @@ class UploadServer(UploadSlot):
 
     def start(self) -> None:
         for httpd in (self._upload_httpd, self._healthz_httpd):
-            thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+            thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,), name="http", daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("upload server on %s:%d, healthz on %s:%d", self.config.listen[0], self.port,
@@ -350,6 +400,9 @@ class UploadHandler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         path = self._route()
+        if self.headers.get(ID_HEADER) is not None and path in SYNC_PATHS | ASYNC_PATHS:
+            self._resume_status()
+            return
         self._answer(200 if path in ASYNC_PATHS | FORM_ASYNC_PATHS else 404, "")
 
     def do_GET(self) -> None:
@@ -375,22 +428,89 @@ class UploadHandler(BaseHTTPRequestHandler):
         return urlsplit(self.path).path
 
     def _refusal(self) -> tuple[int, str] | None:
-        """404 for what is not an upload, 401 for a client certificate of the wrong name, 503/409 when busy."""
+        """404 for what is not an upload, 401 for a client certificate of the wrong name, 503/409 when busy
+        (unless the request continues the resumable upload in progress)."""
         if self.command not in UPLOAD_METHODS or self._route() not in UPLOAD_PATHS:
             return 404, ""
+        refusal = self._authorize()
+        if refusal is not None:
+            return refusal
+        upload_id = upload_id_of(self.headers)
+        if upload_id is not None and self.app.resumable_for(upload_id) is not None:
+            return None
+        with self.app.lock:
+            return admission_status(self.app.state)
+
+    def _authorize(self) -> tuple[int, str] | None:
+        """401 for a client certificate of the wrong name (mutual TLS)."""
         name = self.app.config.client_name
         if name is not None:
             assert isinstance(self.connection, ssl.SSLSocket)
             if name not in common_names(self.connection.getpeercert()):  # type: ignore[arg-type]
                 return 401, "client certificate not allowed"
-        with self.app.lock:
-            return admission_status(self.app.state)
+        return None
+
+    # -- resuming ------------------------------------------------------------------------------------
+
+    def _resume_status(self) -> None:
+        """HEAD with Upload-Id: where the named upload stands (taking it over from a connection still on it)."""
+        refusal = self._authorize()
+        if refusal is not None:
+            self._answer(*refusal)
+            return
+        upload_id = upload_id_of(self.headers)
+        if upload_id is None:
+            self._answer(400, f"{ID_HEADER} must be 8 to 128 characters of A-Z a-z 0-9 . _ -")
+            return
+        stream = self.app.resumable_for(upload_id)
+        if stream is None:
+            self._answer(404, f"no interrupted upload {upload_id}")
+            return
+        offset = stream.take_over()
+        self._answer(200, "", {OFFSET_HEADER: str(offset), LENGTH_HEADER: str(stream.length)})
+
+    def _continue(self, resume: ResumeRequest, async_answer: bool) -> None:
+        """A request carrying the rest of a resumable upload from resume.offset."""
+        stream = self.app.resumable_for(resume.upload_id)
+        try:
+            if stream is None:
+                raise OffsetConflict(f"no interrupted upload {resume.upload_id}; start again from byte 0", 0)
+            if stream.length != resume.length:
+                raise OffsetConflict(f"upload {resume.upload_id} is {stream.length} bytes long, not "
+                                     f"{resume.length}", stream.offset)
+            body = self._body()
+            lost = stream.attach(body, resume.offset)
+        except OffsetConflict as err:
+            self._answer(409, str(err), {OFFSET_HEADER: str(err.expected)})
+            self._drain_quietly()
+            return
+        except BadRequest as err:
+            self._answer(400, f"Saving stream failed: {err}")
+            return
+        job = self.app.job
+        assert job is not None
+        log.info("upload %s resumed at byte %d of %d", resume.upload_id, resume.offset, resume.length)
+        self._finish(job, body, async_answer, lost)
 
     # -- the upload ----------------------------------------------------------------------------------
 
     def _upload(self) -> None:
         self.close_connection = True
         refusal = self._refusal()
+        resume: ResumeRequest | None = None
+        if refusal is None and self._route() in SYNC_PATHS | ASYNC_PATHS:
+            try:
+                resume = resume_request(self.headers)
+            except BadRequest as err:
+                refusal = 400, f"Saving stream failed: {err}"
+        if refusal is None and resume is not None and self.app.resumable_for(resume.upload_id) is not None:
+            self._continue(resume, self._route() in ASYNC_PATHS)
+            return
+        if refusal is None and resume is not None and resume.offset != 0:
+            self._answer(409, f"no interrupted upload {resume.upload_id}; start again from byte 0",
+                         {OFFSET_HEADER: "0"})
+            self._drain_quietly()
+            return
         if refusal is None:
             refusal = self.app.admit()
         if refusal is not None:
@@ -399,13 +519,20 @@ class UploadHandler(BaseHTTPRequestHandler):
             return
         path = self._route()
         async_answer = path in ASYNC_PATHS | FORM_ASYNC_PATHS
+        lost: threading.Event | None = None
         try:
             body = self._body()
             stream: Reader = body
             size = body.length
+            checksum = None
             if path in FORM_PATHS | FORM_ASYNC_PATHS:
                 stream, size = FormFileReader(body, boundary_of(self.headers.get("Content-Type", ""))), None
-            job = self.app.start_job(stream, size)
+            elif resume is not None:
+                stream = ResumableStream(resume.upload_id, resume.length, self.app.config.resume_hold,
+                                         self.app.cancelled)
+                lost = stream.attach(body, 0)
+                size, checksum = resume.length, resume.checksum
+            job = self.app.start_job(stream, size, checksum)
         except BadRequest as err:
             self.app.release()
             self._answer(400, f"Saving stream failed: {err}")
@@ -414,7 +541,13 @@ class UploadHandler(BaseHTTPRequestHandler):
             self.app.release()
             self._answer(500, f"Saving stream failed: {err}")
             return
-        job.wait(async_answer)
+        self._finish(job, body, async_answer, lost)
+
+    def _finish(self, job: UploadJob, body: BodyReader, async_answer: bool, lost: threading.Event | None) -> None:
+        """Wait for the import (or, async, for the image's last byte), settle the slot and answer."""
+        if not job.wait(async_answer, lost):
+            log.info("connection lost its upload (interrupted or taken over); the upload waits to be resumed")
+            return
         if job.error is None:
             body.drain(DRAIN_LIMIT, DRAIN_SECONDS)  # a form's trailing parts; what the import left unread
         self.app.settle(job, async_answer)
@@ -442,12 +575,14 @@ class UploadHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(ImporterError, OSError):
             self._body().drain(DRAIN_LIMIT, DRAIN_SECONDS)
 
-    def _answer(self, status: int, text: str) -> None:
+    def _answer(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
         body = (text + "\n").encode() if text else b""
         with contextlib.suppress(OSError):
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()

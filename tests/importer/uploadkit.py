@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -125,3 +127,84 @@ def open_upload(server: UploadServerProcess, path: str, length: int, client: Pat
 def leftovers(dest: Path) -> list[str]:
     """Everything in a destination directory (a clean failure leaves nothing: no disk.img, no .part file)."""
     return sorted(p.name for p in dest.iterdir())
+
+
+class CuttingProxy:
+    """A TCP forwarder on 127.0.0.1 that breaks uploads mid-way; counts the client's bytes over all connections.
+
+    The first `cuts` connections that carry `cut_after` bytes from the client are cut there: closed at once, or,
+    with hold=True, held (nothing more forwarded) until release() closes them.
+    """
+
+    def __init__(self, target_port: int, cut_after: int, cuts: int = 1, hold: bool = False) -> None:
+        self.target_port, self.cut_after, self.cuts, self.hold = target_port, cut_after, cuts, hold
+        self.forwarded = 0  # client to server, every connection, TLS records and headers included
+        self.connections = 0
+        self.holding = threading.Event()  # a connection reached cut_after and is held
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def release(self) -> None:
+        """Held connections are closed now."""
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        _close(self._listener)  # shutdown() wakes the accept() in progress; close() alone would not
+        with self._lock:
+            for sock in self._sockets:
+                _close(sock)
+        for thread in self._threads:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            server.settimeout(None)
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, server]
+            for args in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(target=self._pump, args=args, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        carried = 0
+        try:
+            while data := src.recv(256 * 1024):
+                if upstream:
+                    with self._lock:
+                        cut = self.cuts > 0 and carried + len(data) >= self.cut_after
+                        if cut:
+                            self.cuts -= 1
+                            data = data[: self.cut_after - carried]
+                        self.forwarded += len(data)
+                    dst.sendall(data)
+                    carried += len(data)
+                    if cut:
+                        if self.hold:
+                            self.holding.set()
+                            self._released.wait(60)
+                        break
+                else:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        _close(src)
+        _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
