@@ -12,7 +12,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from importer.deadline import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_WINDOW, DEFAULT_STALL_TIMEOUT, Deadlines
+from importer.deadline import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_MIN_RATE_WINDOW,
+    DEFAULT_STALL_TIMEOUT,
+    Deadlines,
+    add_deadline_flags,
+)
 from importer.errors import ConfigError, ImporterError, ScratchSpaceRequired
 from importer.fetch import DEFAULT_CONNECTIONS
 from importer.pipeline import Checksum
@@ -63,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--metrics-address", help="HOST:PORT to serve kubevirt_cdi_import_progress_total on")
     imp.add_argument("--owner-uid", help="ownerUID label of the progress metric [OWNER_UID]")
     imp.add_argument("--termination-log", type=Path, help="where the JSON result goes [/dev/termination-log]")
-    imp.add_argument("--stall-timeout", help="fail when the source sends nothing for this many seconds, across "
-                     f"reconnections; 0 disables [IMPORTER_STALL_TIMEOUT, {DEFAULT_STALL_TIMEOUT:g}]")
-    imp.add_argument("--min-rate", help="fail when the source averages fewer bytes/s than this over --min-rate-window "
-                     f"(a quantity such as 1Ki); 0 disables [IMPORTER_MIN_RATE, {DEFAULT_MIN_RATE}]")
-    imp.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
-                     f"[IMPORTER_MIN_RATE_WINDOW, {DEFAULT_MIN_RATE_WINDOW:g}]")
+    add_deadline_flags(imp, "fail when the source")
     imp.add_argument("--retries", type=int, default=5, help="reconnections without progress before failing")
     imp.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled each time")
     imp.add_argument("--qcow2-reader", choices=("native", "qemu-img"), default="native",
@@ -151,12 +152,7 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                        f"[FILESYSTEM_OVERHEAD, {DEFAULT_FILESYSTEM_OVERHEAD}]")
     serve.add_argument("--scratch", type=Path, help="scratch directory for formats that need one "
                        "[the volume's pool's .hpp-csi/staging]")
-    serve.add_argument("--stall-timeout", help="drop a client that sends nothing for this many seconds "
-                       f"[IMPORTER_STALL_TIMEOUT, {DEFAULT_STALL_TIMEOUT:g}]")
-    serve.add_argument("--min-rate", help="drop a client averaging fewer bytes/s over --min-rate-window "
-                       f"[IMPORTER_MIN_RATE, {DEFAULT_MIN_RATE}]")
-    serve.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
-                       f"[IMPORTER_MIN_RATE_WINDOW, {DEFAULT_MIN_RATE_WINDOW:g}]")
+    add_deadline_flags(serve, "drop a client that")
     serve.add_argument("-v", "--verbose", action="store_true")
     token = sub.add_parser("upload-token", help="print a token allowing one upload into VOLUME on this node")
     token.add_argument("volume", metavar="VOLUME", help="the volume's ID (its name in the pool)")

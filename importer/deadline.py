@@ -7,6 +7,7 @@ route feeds the same ProgressWatch: our HTTP readers after each read, the nbdkit
 
 from __future__ import annotations
 
+import argparse
 import collections
 import re
 import subprocess
@@ -22,6 +23,17 @@ DEFAULT_STALL_TIMEOUT = 60.0
 DEFAULT_MIN_RATE = 1024  # bytes/s: far below any usable link, far above a server dripping bytes to keep us waiting
 DEFAULT_MIN_RATE_WINDOW = 120.0
 SAMPLES_PER_WINDOW = 32
+
+
+def add_deadline_flags(parser: argparse.ArgumentParser, ends: str) -> None:
+    """--stall-timeout, --min-rate, --min-rate-window, one definition for every command that receives an image;
+    `ends` says what happens to whom, e.g. "fail when the source" or "drop a client that"."""
+    parser.add_argument("--stall-timeout", help=f"{ends} sends nothing for this many seconds (across reconnections); "
+                        f"0 disables [IMPORTER_STALL_TIMEOUT, {DEFAULT_STALL_TIMEOUT:g}]")
+    parser.add_argument("--min-rate", help=f"{ends} averages fewer bytes/s than this over --min-rate-window (a "
+                        f"quantity such as 1Ki); 0 disables [IMPORTER_MIN_RATE, {DEFAULT_MIN_RATE}]")
+    parser.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
+                        f"[IMPORTER_MIN_RATE_WINDOW, {DEFAULT_MIN_RATE_WINDOW:g}]")
 
 
 @dataclass(frozen=True)

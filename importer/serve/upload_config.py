@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from importer.deadline import Deadlines
+from importer.deadline import Deadlines, add_deadline_flags
 from importer.errors import ConfigError
 from importer.serve.resume import DEFAULT_HOLD
 from importer.serve.upload_server import UploadServerConfig
@@ -41,12 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-name", help="the one client common name served [CLIENT_NAME]")
     parser.add_argument("--scratch", type=Path, help="scratch directory for images that need one [/scratch]")
     parser.add_argument("--termination-log", type=Path, help="where the JSON result goes [/dev/termination-log]")
-    parser.add_argument("--stall-timeout", help="drop a client that sends nothing for this many seconds "
-                        "[IMPORTER_STALL_TIMEOUT, 60]")
-    parser.add_argument("--min-rate", help="drop a client averaging fewer bytes/s over --min-rate-window "
-                        "[IMPORTER_MIN_RATE, 1024]")
-    parser.add_argument("--min-rate-window", help="seconds over which --min-rate is measured "
-                        "[IMPORTER_MIN_RATE_WINDOW, 120]")
+    add_deadline_flags(parser, "drop a client that")
     parser.add_argument("--resume-hold", type=float, default=DEFAULT_HOLD,
                         help="seconds an interrupted resumable upload waits for its continuation [600]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")

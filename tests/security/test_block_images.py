@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,14 +34,6 @@ def untouched(driver: Driver, victim: Path) -> Iterator[None]:
     assert fingerprint(victim) == before
     assert loops_on(victim / "disk.img") == []
     assert mounts_under(driver.root) == mounts
-
-
-@pytest.fixture
-def target(driver: Driver) -> Iterator[Path]:
-    path = driver.new_target()
-    yield path
-    unmount_under(path.parent)
-    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @pytest.fixture

@@ -37,14 +37,6 @@ def untouched(driver: Driver, victim: Path) -> Iterator[None]:
 
 
 @pytest.fixture
-def target(driver: Driver) -> Iterator[Path]:
-    path = driver.new_target()
-    yield path
-    unmount_under(path.parent)
-    shutil.rmtree(path.parent, ignore_errors=True)
-
-
-@pytest.fixture
 def volume(driver: Driver) -> str:
     name = driver.create(unique(), 8 * MiB).volume_id
     (driver.volume_path(name) / "data").write_text("the tenant's data")
