@@ -9,7 +9,8 @@ PACKAGES=(
   qemu-utils qemu-block-extra nbdkit                 # qemu-img and its curl driver, nbdkit curl plugin
   xz-utils zstd gzip pigz tar genisoimage            # decompressors and test image builders
   openssl ca-certificates curl                       # TLS test fixtures
-  docker-registry skopeo umoci                       # container-registry imports
+  docker-registry skopeo umoci apache2-utils        # container-registry imports (htpasswd for test registries)
+  tinyproxy                                          # a forward proxy for the import-proxy tests
   qemu-system-x86 linux-image-amd64 busybox-static   # the quota-test VM (stock kernel has XFS quota)
 )
 BENCH_PACKAGES=(
