@@ -21,13 +21,17 @@ from importer.deadline import (
 )
 from importer.errors import ConfigError, ImporterError, ScratchSpaceRequired
 from importer.fetch import DEFAULT_CONNECTIONS
+from importer.net.headers import CDI_SECRET_HEADERS_DIR, parse_header, secret_headers
+from importer.net.pools import Pools
+from importer.net.proxy import ProxySettings
+from importer.net.tls import TlsSettings
 from importer.pipeline import Checksum
 from importer.processor import ImportProcessor, ImportRequest, ImportResult
 from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, termination_message, write_termination_message
 from importer.progress_bar import TransferProgress
+from importer.registry.options import RegistryOptions
 from importer.serve import upload_config
-from importer.sources import BlankSource, FileSource, HttpOptions, HttpSource, Source
-from importer.sources.http import parse_header
+from importer.sources import BlankSource, FileSource, HttpOptions, HttpSource, RegistrySource, Source
 from importer.target import DEFAULT_FILESYSTEM_OVERHEAD, open_target
 from importer.units import human, parse_duration, parse_quantity
 from importer.upload_client import Uploader, UploadRequest, read_token
@@ -39,8 +43,8 @@ CDI_DATA_DIR = Path("/data")
 CDI_BLOCK_DEVICE = Path("/dev/cdi-block-volume")
 CDI_SCRATCH_DIR = Path("/scratch")
 EXTRA_HEADER_PREFIX = "IMPORTER_EXTRA_HEADER_"
-SOURCES = ("http", "file", "none", "blank")
-LATER_SOURCES = ("registry", "upload", "s3", "gcs", "imageio", "vddk")
+SOURCES = ("http", "file", "registry", "none", "blank")
+LATER_SOURCES = ("upload", "s3", "gcs", "imageio", "vddk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--secret-key", help="HTTP basic auth password [IMPORTER_SECRET_KEY]")
     imp.add_argument("--extra-header", action="append", default=[], metavar="'NAME: VALUE'",
                      help="extra HTTP header, repeatable [IMPORTER_EXTRA_HEADER_<n>]")
+    imp.add_argument("--extra-headers-dir", type=Path,
+                     help=f"secret extra headers, one 'Name: value' file each [{CDI_SECRET_HEADERS_DIR}, where CDI "
+                     "mounts them]")
+    imp.add_argument("--http-proxy", help="proxy for http:// URLs [HTTP_PROXY, http_proxy]")
+    imp.add_argument("--https-proxy", help="proxy for https:// URLs, reached with CONNECT [HTTPS_PROXY, https_proxy]")
+    imp.add_argument("--no-proxy", help="hosts, .domains, IPs, CIDRs (optionally :port) or * reached directly "
+                     "[NO_PROXY, no_proxy]")
+    imp.add_argument("--proxy-cert-dir", type=Path, help="CA certificates of the proxy [IMPORTER_PROXY_CERT_DIR]")
     imp.add_argument("--checksum", help="expected digest of the bytes as served, e.g. sha256:<hex> [IMPORTER_CHECKSUM]")
     imp.add_argument("--scratch", type=Path, help="scratch directory for images that need one [/scratch]")
     imp.add_argument("--metrics-address", help="HOST:PORT to serve kubevirt_cdi_import_progress_total on")
@@ -242,6 +254,29 @@ def extra_headers_from_env(env: Mapping[str, str]) -> list[str]:
     return [value for _, value in sorted(numbered)]
 
 
+def proxy_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> ProxySettings:
+    """CDI's proxy environment; a flag replaces its variable (both cases)."""
+    merged = dict(env)
+    for flag, name in ((args.http_proxy, "HTTP_PROXY"), (args.https_proxy, "HTTPS_PROXY"), (args.no_proxy, "NO_PROXY")):
+        if flag is not None:
+            merged[name] = merged[name.lower()] = flag
+    return ProxySettings.from_env(merged)
+
+
+def tls_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> TlsSettings:
+    """--insecure-tls, --cert-dir and --proxy-cert-dir, each falling back to CDI's variable."""
+    cert_dir = args.cert_dir or (Path(env["IMPORTER_CERT_DIR"]) if env.get("IMPORTER_CERT_DIR") else None)
+    proxy_dir = args.proxy_cert_dir or (Path(env["IMPORTER_PROXY_CERT_DIR"])
+                                        if env.get("IMPORTER_PROXY_CERT_DIR") else None)
+    return TlsSettings(bool(args.insecure_tls) or _env_bool(env, "INSECURE_TLS"), cert_dir, proxy_dir)
+
+
+def headers_from(args: argparse.Namespace, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """IMPORTER_EXTRA_HEADER_<n>, then --extra-header, then the secret header files (CDI's order)."""
+    plain = [parse_header(h) for h in [*extra_headers_from_env(env), *args.extra_header]]
+    return plain + secret_headers(args.extra_headers_dir or CDI_SECRET_HEADERS_DIR)
+
+
 def resolve_overhead(global_value: float, per_class: Sequence[str], storage_class: str | None) -> float:
     """The storage class's own overhead if configured, else the global one (CDI's per-class overhead)."""
     for item in per_class:
@@ -299,16 +334,25 @@ def build_source(args: argparse.Namespace, env: Mapping[str, str]) -> Source:
         raise ConfigError("no endpoint: pass --endpoint URL (IMPORTER_ENDPOINT)")
     if kind == "file" or endpoint.startswith("file:"):
         return FileSource(endpoint)
-    cert_dir = args.cert_dir or (Path(env["IMPORTER_CERT_DIR"]) if env.get("IMPORTER_CERT_DIR") else None)
-    headers = [*extra_headers_from_env(env), *args.extra_header]
+    tls = tls_settings_from(args, env)
     user = args.access_key_id if args.access_key_id is not None else env.get("IMPORTER_ACCESS_KEY_ID") or None
     password = args.secret_key if args.secret_key is not None else env.get("IMPORTER_SECRET_KEY") or None
+    if kind == "registry":
+        registry = RegistryOptions(
+            username=user, password=password, insecure=tls.insecure, cert_dir=tls.cert_dir,
+            stall_timeout=deadlines.stall_timeout, min_rate=deadlines.min_rate,
+            min_rate_window=deadlines.min_rate_window, retries=args.retries, retry_delay=args.retry_delay,
+        )
+        pools = Pools(tls, proxy_settings_from(args, env), registry.io_timeout)  # CDI's import proxy, as for http
+        return RegistrySource(endpoint, registry, pools)
     options = HttpOptions(
-        insecure_tls=bool(args.insecure_tls) or _env_bool(env, "INSECURE_TLS"),
-        cert_dir=cert_dir,
+        insecure_tls=tls.insecure,
+        cert_dir=tls.cert_dir,
+        proxy_cert_dir=tls.proxy_cert_dir,
+        proxy=proxy_settings_from(args, env),
         username=user,
         password=password,
-        headers=[parse_header(h) for h in headers],
+        headers=headers_from(args, env),
         stall_timeout=deadlines.stall_timeout,
         min_rate=deadlines.min_rate,
         min_rate_window=deadlines.min_rate_window,
@@ -331,9 +375,15 @@ def build_request(args: argparse.Namespace, env: Mapping[str, str], progress: Pr
     content_type = (args.content_type or env.get("IMPORTER_CONTENTTYPE") or "kubevirt").lower()
     if content_type not in ("kubevirt", "archive"):
         raise ConfigError(f"unknown content type {content_type!r}: expected kubevirt or archive")
+    source = build_source(args, env)
+    try:
+        target = open_target(dest)
+    except BaseException:
+        source.close()
+        raise
     return ImportRequest(
-        source=build_source(args, env),
-        target=open_target(dest),
+        source=source,
+        target=target,
         content_type=content_type,
         image_size=parse_quantity(size_text) if size_text else None,
         filesystem_overhead=overhead,
@@ -364,7 +414,10 @@ def run_import(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             metrics.serve(args.metrics_address)
         progress = Progress(metrics, None if args.no_progress else sys.stderr)
         request = build_request(args, env, progress)
-        result = ImportProcessor(request).run()
+        try:
+            result = ImportProcessor(request).run()
+        finally:
+            request.source.close()
     except ScratchSpaceRequired as err:
         return _fail(termination_log, str(err), scratch_space_required=True)
     except ImporterError as err:
@@ -373,11 +426,11 @@ def run_import(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         where = f" ({err.filename})" if err.filename else ""
         return _fail(termination_log, f"{err.strerror or err}{where}")
     message = "Import Complete" + ("; Preallocation applied" if result.preallocation_applied else "")
+    digest = request.source.image_digest  # what a registry import got, so boot-source pipelines can pin it
     if termination_log is not None:
-        write_termination_message(
-            termination_log, termination_message(message, preallocation_applied=result.preallocation_applied)
-        )
-    print(summary(result, request.source.description))
+        write_termination_message(termination_log, termination_message(
+            message, preallocation_applied=result.preallocation_applied, digest=digest))
+    print(summary(result, request.source.description + (f" ({digest})" if digest else "")))
     return 0
 
 

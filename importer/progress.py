@@ -99,9 +99,9 @@ def default_stream() -> TextIO:
 
 def termination_message(
     message: str, *, scratch_space_required: bool | None = None, preallocation_applied: bool | None = None,
-    deadline_passed: bool | None = None,
+    deadline_passed: bool | None = None, digest: str | None = None,
 ) -> str:
-    """CDI's TerminationMessage JSON, shortened to what kubelet keeps."""
+    """CDI's TerminationMessage JSON, shortened to what kubelet keeps; `digest` (ours) names the image imported."""
     body: dict[str, object] = {}
     if scratch_space_required is not None:
         body["scratchSpaceRequired"] = scratch_space_required
@@ -109,6 +109,8 @@ def termination_message(
         body["preallocationApplied"] = preallocation_applied
     if deadline_passed is not None:
         body["deadlinePassed"] = deadline_passed
+    if digest is not None:  # not in CDI's struct, whose JSON decoding skips unknown fields
+        body["digest"] = digest
     body["message"] = message
     text = json.dumps(body)
     while len(text.encode()) > _TERMINATION_LIMIT and len(message) > 16:

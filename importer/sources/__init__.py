@@ -4,5 +4,6 @@ from importer.sources.base import Source, SourceInfo
 from importer.sources.blank import BlankSource
 from importer.sources.file import FileSource
 from importer.sources.http import HttpOptions, HttpSource
+from importer.sources.registry import RegistrySource
 
-__all__ = ["BlankSource", "FileSource", "HttpOptions", "HttpSource", "Source", "SourceInfo"]
+__all__ = ["BlankSource", "FileSource", "HttpOptions", "HttpSource", "RegistrySource", "Source", "SourceInfo"]

@@ -27,6 +27,7 @@ class Source(abc.ABC):
     watch: ProgressWatch | None = None  # the progress deadlines of a remote source; None for local ones
     # Why the bytes can only be read in order, when probe() says so (it names the cause in scratch errors).
     sequential_reason: str = "the server does not support Range requests"
+    image_digest: str | None = None  # the manifest digest a registry source imported (termination message, logs)
 
     @abc.abstractmethod
     def probe(self) -> SourceInfo:
@@ -35,6 +36,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def open(self) -> Reader:
         """A sequential stream of the bytes as served, resuming by itself after transient failures."""
+
+    def close(self) -> None:
+        """Release connections held across probe() and open(); most sources hold none."""
+        return None
 
     def open_range(self, start: int, end: int) -> Reader:
         """Bytes [start, end) as a stream; only for sources whose probe said random_access."""

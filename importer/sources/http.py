@@ -1,4 +1,4 @@
-"""HTTP(S) source: resumable streaming with Python's http.client, random access through nbdkit's curl plugin."""
+"""HTTP(S) source: resumable streaming on urllib3 (proxy-aware), random access through nbdkit's curl plugin."""
 
 from __future__ import annotations
 
@@ -6,13 +6,27 @@ import base64
 import contextlib
 import http.client
 import logging
+import os
 import re
+import shlex
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from importer.deadline import (
     DEFAULT_MIN_RATE,
@@ -24,13 +38,21 @@ from importer.deadline import (
 )
 from importer.errors import ConfigError, SourceError, ToolError, TransferError
 from importer.formats import HEADER_SIZE
+from importer.net.pools import USER_AGENT, Pools
+from importer.net.proxy import Proxy, ProxySettings
+from importer.net.redirects import next_hop
+from importer.net.tls import TlsSettings
 from importer.pipeline import read_full
 from importer.sources.base import Source, SourceInfo
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "hpp-importer"
-SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+Response = urllib3.BaseHTTPResponse
+E = TypeVar("E", bound=BaseException)
+# What a dropped, refused or timed-out connection raises somewhere between urllib3 and the socket: retried.
+NETWORK_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
+                   "all_proxy", "ALL_PROXY")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -41,6 +63,8 @@ class HttpOptions:
 
     insecure_tls: bool = False
     cert_dir: Path | None = None
+    proxy_cert_dir: Path | None = None  # IMPORTER_PROXY_CERT_DIR: the proxy's CA
+    proxy: ProxySettings | None = None  # CDI's HTTP_PROXY / HTTPS_PROXY / NO_PROXY
     username: str | None = None
     password: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
@@ -52,6 +76,10 @@ class HttpOptions:
     max_redirects: int = 10
 
     @property
+    def tls(self) -> TlsSettings:
+        return TlsSettings(self.insecure_tls, self.cert_dir, self.proxy_cert_dir)
+
+    @property
     def deadlines(self) -> Deadlines:
         return Deadlines(self.stall_timeout, self.min_rate, self.min_rate_window)
 
@@ -59,14 +87,6 @@ class HttpOptions:
     def io_timeout(self) -> float:
         """One socket operation's timeout: half the stall timeout, so a dead connection is retried once in time."""
         return self.stall_timeout / 2 if self.stall_timeout > 0 else DEFAULT_STALL_TIMEOUT
-
-
-def parse_header(text: str) -> tuple[str, str]:
-    """`Name: value` as CDI's IMPORTER_EXTRA_HEADER_<n> carries it."""
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip() or any(c in name for c in " \t\r\n") or "\n" in value or "\r" in value:
-        raise ConfigError(f"invalid extra header {text!r}: expected 'Name: value'")
-    return name.strip(), value.strip()
 
 
 class HttpSource(Source):
@@ -84,30 +104,11 @@ class HttpSource(Source):
         self.options = options or HttpOptions()
         self.description = url
         self._origin = origin
-        self._ssl = self._ssl_context()  # also for a redirect from http:// to https://
+        self.tls = self.options.tls
+        self.tls.origin_ca_files()  # a missing certificate directory is a configuration error, found now
+        self.pools = Pools(self.tls, self.options.proxy, self.options.io_timeout)
         self.size: int | None = None  # as probed; ranged reads check every answer against it
         self.watch = ProgressWatch(self.options.deadlines)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context()
-        for cert in self._ca_files():
-            try:
-                ctx.load_verify_locations(cafile=str(cert))
-            except (ssl.SSLError, OSError) as err:
-                log.warning("ignoring %s in the certificate directory: %s", cert, err)
-        if self.options.insecure_tls:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-    def _ca_files(self) -> list[Path]:
-        directory = self.options.cert_dir
-        if directory is None:
-            return []
-        if not directory.is_dir():
-            raise ConfigError(f"certificate directory {directory} does not exist")
-        # Kubernetes ConfigMap mounts hold ..data symlinks and timestamped dirs; only plain files are certs.
-        return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -123,42 +124,39 @@ class HttpSource(Source):
             headers["Range"] = f"bytes={offset}-" + ("" if end is None else str(end))
         return headers
 
-    def get(self, offset: int | None = None, end: int | None = None) -> http.client.HTTPResponse:
+    def get(self, offset: int | None = None, end: int | None = None) -> Response:
         """GET following redirects; returns a 200, 206 or 416 response, raises SourceError for the rest."""
         url = self.url
         chain = [url]
         for _ in range(self.options.max_redirects + 1):
-            parts = urlsplit(url)
-            conn: http.client.HTTPConnection
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    parts.hostname or "", parts.port, timeout=self.options.io_timeout, context=self._ssl
-                )
-            else:
-                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.io_timeout)
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
+            proxy = self.pools.route(url)
             try:
-                conn.request("GET", path, headers=self._headers(url, offset, end))
-                resp = conn.getresponse()
-            except ssl.SSLCertVerificationError as err:
-                conn.close()
-                raise SourceError(f"TLS verification of {parts.netloc} failed: {err.verify_message}; "
-                                  "add its CA with --cert-dir (IMPORTER_CERT_DIR)") from err
-            except BaseException:
-                conn.close()
-                raise
-            if resp.status in _REDIRECTS and resp.getheader("Location"):
-                conn.close()
-                url = next_hop(url, resp.status, resp.getheader("Location", ""), chain)
+                resp = self.pools.for_url(url).request(
+                    "GET", url, headers=self._headers(url, offset, end), preload_content=False,
+                    decode_content=False, redirect=False, retries=False)
+            except SSLError as err:
+                verify = _find(err, ssl.SSLCertVerificationError)
+                if verify is None:
+                    raise
+                netloc = urlsplit(url).netloc
+                raise SourceError(f"TLS verification of {netloc} failed: {verify.verify_message}; add its CA with "
+                                  "--cert-dir (IMPORTER_CERT_DIR)" + _proxy_hint(proxy)) from err
+            except ProxyError as err:
+                verify = _find(err, ssl.SSLCertVerificationError)
+                if verify is not None:
+                    raise SourceError(f"TLS verification of proxy {proxy} failed: {verify.verify_message}; add its CA "
+                                      "with --proxy-cert-dir (IMPORTER_PROXY_CERT_DIR)") from err
+                raise ProxyUnreachable(f"proxy {proxy}: {_describe(err.original_error)}") from err
+            location = resp.headers.get("Location")
+            if resp.status in _REDIRECTS and location:
+                _close(resp)
+                url = next_hop(url, resp.status, location, chain)
                 chain.append(url)
                 continue
             if resp.status in (200, 206, 416):
                 return resp
-            conn.close()
-            hint = " (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY)" if resp.status in (401, 403) else ""
-            raise SourceError(f"GET {url}: HTTP {resp.status} {resp.reason}{hint}")
+            _close(resp)
+            raise SourceError(f"GET {url}: HTTP {resp.status} {resp.reason}{_status_hint(resp.status, proxy)}")
         raise SourceError(f"GET {self.url}: too many redirects (more than {self.options.max_redirects}): "
                           f"{' -> '.join(chain[:3])} -> ... -> {chain[-1]}")
 
@@ -167,7 +165,7 @@ class HttpSource(Source):
         while True:
             try:
                 return self._probe_once()
-            except (OSError, http.client.HTTPException) as err:
+            except NETWORK_ERRORS as err:
                 self.watch.check()
                 failures += 1
                 if failures > self.options.retries:
@@ -175,13 +173,16 @@ class HttpSource(Source):
                 time.sleep(min(self.options.retry_delay * 2 ** (failures - 1), max(0.0, self.watch.stall_left())))
 
     def _probe_once(self) -> SourceInfo:
-        with contextlib.closing(self.get(0, HEADER_SIZE - 1)) as resp:
+        with _closing(self.get(0, HEADER_SIZE - 1)) as resp:
             if resp.status == 416:  # an empty file cannot satisfy bytes=0-511
                 return SourceInfo(size=0, random_access=False, header=b"")
             total = _total_size(resp)
             # nbdkit's curl plugin refuses servers that do not say Accept-Ranges: bytes, even if they honour Range.
-            accepts = resp.getheader("Accept-Ranges", "").strip().lower() == "bytes"
+            accepts = resp.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
             random_access = resp.status == 206 and accepts
+            blocker = self._nbdkit_blocker()
+            if random_access and blocker:
+                random_access, self.sequential_reason = False, blocker
             header = read_full(_WatchedResponse(resp, self.watch), HEADER_SIZE)
         self.size = total
         return SourceInfo(size=total, random_access=random_access, header=header)
@@ -210,22 +211,22 @@ class HttpSource(Source):
         ]
         if opts.stall_timeout > 0:
             cmd.append(f"timeout={max(1, round(opts.stall_timeout))}")
+        # Secrets go in 0600 files nbdkit reads, never on its command line (ps shows that to everyone).
         if opts.username is not None:
-            secret = workdir / "password"
-            secret.touch(mode=0o600)
-            secret.write_text(opts.password or "")
-            cmd += [f"user={opts.username}", f"password=+{secret}"]  # never on the command line
+            cmd += [f"user={opts.username}", f"password=+{_secret_file(workdir / 'password', opts.password or '')}"]
+        if opts.headers:
+            lines = "".join(f"{name}: {value}\n" for name, value in opts.headers)
+            cmd.append(f"header-script=cat {shlex.quote(str(_secret_file(workdir / 'headers', lines)))}")
         if opts.insecure_tls:
             cmd.append("sslverify=false")
-        if opts.cert_dir is not None:
-            bundle = workdir / "ca-bundle.pem"
-            pems = [SYSTEM_CA_BUNDLE] if SYSTEM_CA_BUNDLE.exists() else []
-            bundle.write_text("\n".join(p.read_text(errors="replace") for p in [*pems, *self._ca_files()]))
+        bundle = self.tls.ca_bundle(workdir / "ca-bundle.pem")
+        if bundle is not None:
             cmd.append(f"cainfo={bundle}")
-        cmd += [f"header={name}: {value}" for name, value in opts.headers]
+        cmd += self._nbdkit_proxy(workdir)
         try:
             log_handle = logfile.open("wb")
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle,
+                                    env=_without_proxy_variables(os.environ))
         except OSError as err:
             raise ToolError(f"cannot start nbdkit: {err}") from err
         stack.callback(_stop, proc, log_handle)
@@ -237,6 +238,39 @@ class HttpSource(Source):
         self.nbdkit_log = logfile
         self.served = NbdkitLogCounter(requests)
         return f"nbd+unix:///?socket={sock}"
+
+    def _nbdkit_blocker(self) -> str:
+        """Why nbdkit cannot read this URL in place, or "": it cannot be told to trust an https:// proxy's CA."""
+        proxy = self.pools.route(self.url)
+        if proxy is not None and proxy.scheme == "https" and self.tls.proxy_cert_dir is not None:
+            return (f"nbdkit's curl plugin has no option for the CA of the https:// proxy {proxy} "
+                    "(IMPORTER_PROXY_CERT_DIR)")
+        return ""
+
+    def _nbdkit_proxy(self, workdir: Path) -> list[str]:
+        """curl's proxy options for our proxy decision (libcurl's own reading of the environment is switched off:
+        its NO_PROXY rules are not Go's)."""
+        proxy = self.pools.route(self.url)
+        if proxy is None:
+            return []
+        blocker = self._nbdkit_blocker()
+        if blocker:
+            raise ConfigError(blocker)
+        args = [f"proxy={proxy.url}"]
+        if proxy.username is not None:
+            secret = _secret_file(workdir / "proxy-password", proxy.password or "")
+            args += [f"proxy-user={proxy.username}", f"proxy-password=+{secret}"]
+        return args
+
+
+def _secret_file(path: Path, content: str) -> Path:
+    path.touch(mode=0o600)
+    path.write_text(content)
+    return path
+
+
+def _without_proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in PROXY_VARIABLES}
 
 
 def last_line(path: Path) -> str:
@@ -260,14 +294,14 @@ def _stop(proc: subprocess.Popen[bytes], log_handle: object) -> None:
         close()
 
 
-def _total_size(resp: http.client.HTTPResponse) -> int | None:
+def _total_size(resp: Response) -> int | None:
     """The full size of the resource from Content-Range (206) or Content-Length (200)."""
     if resp.status == 206:
-        match = _CONTENT_RANGE.match(resp.getheader("Content-Range", ""))
+        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
         if match and match.group(3) != "*":
             return int(match.group(3))
         return None
-    length = resp.getheader("Content-Length")
+    length = resp.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
 
 
@@ -277,7 +311,7 @@ class HttpStream:
     def __init__(self, source: HttpSource, start: int = 0, end: int | None = None) -> None:
         self._source = source
         self._opts = source.options
-        self._resp: http.client.HTTPResponse | None = None
+        self._resp: Response | None = None
         self._pos = start
         self._end = end  # exclusive; None: to the end of the resource
         self._size: int | None = None if end is None else source.size
@@ -302,7 +336,7 @@ class HttpStream:
                 if until is not None and self._pos < until:
                     raise http.client.IncompleteRead(b"", until - self._pos)
                 return b""
-            except (OSError, http.client.HTTPException) as err:
+            except NETWORK_ERRORS as err:
                 self._drop()
                 self._source.watch.check()
                 self._failures += 1
@@ -323,7 +357,7 @@ class HttpStream:
         last = None if self._end is None else self._end - 1
         resp = self._source.get(self._pos if self._pos or ranged else None, last)
         if resp.status == 416:
-            resp.close()
+            _close(resp)
             raise TransferError(
                 f"{self._source.url} ends at byte {self._pos} but the server announced {self._size} bytes "
                 "(wrong Content-Length)"
@@ -332,16 +366,16 @@ class HttpStream:
         if self._size is None:
             self._size = total
         elif total is not None and total != self._size:
-            resp.close()
+            _close(resp)
             raise TransferError(f"{self._source.url} changed during the download (size {self._size}, now {total})")
         self._resp = resp
         if resp.status == 206:
-            match = _CONTENT_RANGE.match(resp.getheader("Content-Range", ""))
+            match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != self._pos or (last is not None and int(match.group(2)) != last):
                 self._drop()
                 raise TransferError(f"{self._source.url} answered a request for bytes {self._pos}-"
                                     f"{'' if last is None else last} with the wrong range")
-            length = resp.getheader("Content-Length")
+            length = resp.headers.get("Content-Length")
             if last is not None and length is not None and length.strip() != str(last - self._pos + 1):
                 self._drop()
                 raise TransferError(f"{self._source.url} answered bytes {self._pos}-{last} with Content-Length "
@@ -362,34 +396,17 @@ class HttpStream:
 
     def _drop(self) -> None:
         if self._resp is not None:
-            with contextlib.suppress(Exception):
-                self._resp.close()
+            _close(self._resp)
             self._resp = None
 
     def close(self) -> None:
         self._drop()
 
 
-def next_hop(url: str, status: int, location: str, chain: list[str]) -> str:
-    """Where a redirect leads; only to http(s) and never back to a URL already visited."""
-    try:
-        target = urljoin(url, location)
-        parts = urlsplit(target)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a bad port or bracket: not a URL we can follow
-        valid = False
-    if not valid:
-        raise SourceError(f"refusing redirect from {url} (HTTP {status}) to {location!r}: only http:// and https:// "
-                          "URLs with a host are followed")
-    if target in chain:
-        raise SourceError(f"redirect loop: {' -> '.join([*chain[chain.index(target):], target])}")
-    return target
-
-
 class _WatchedResponse:
     """A response read in whatever pieces arrive, each counted by the watch (the probe's 512 bytes)."""
 
-    def __init__(self, resp: http.client.HTTPResponse, watch: ProgressWatch) -> None:
+    def __init__(self, resp: Response, watch: ProgressWatch) -> None:
         self._resp, self._watch = resp, watch
 
     def read(self, size: int, /) -> bytes:
@@ -399,12 +416,78 @@ class _WatchedResponse:
         return data
 
     def close(self) -> None:
-        self._resp.close()
+        _close(self._resp)
+
+
+class ProxyUnreachable(ConnectionError):
+    """The proxy refused, dropped or timed out the connection (retried like any network failure)."""
+
+
+def _close(resp: Response) -> None:
+    """Close the response and its connection: a half-read body must not go back to the pool."""
+    with contextlib.suppress(Exception):
+        resp.close()
+    with contextlib.suppress(Exception):
+        resp.release_conn()
+
+
+@contextlib.contextmanager
+def _closing(resp: Response) -> Iterator[Response]:
+    try:
+        yield resp
+    finally:
+        _close(resp)
+
+
+def _find(err: BaseException, kind: type[E]) -> E | None:
+    """The first exception of kind in err's chain of causes and arguments (urllib3 wraps them deeply)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        todo += [c for c in (current.__cause__, current.__context__, *current.args) if isinstance(c, BaseException)]
+        inner = getattr(current, "original_error", None) or getattr(current, "reason", None)
+        if isinstance(inner, BaseException):
+            todo.append(inner)
+    return None
+
+
+def _status_hint(status: int, proxy: Proxy | None) -> str:
+    if status == 407:
+        return f" from proxy {proxy}: it wants credentials, given as http://USER:PASSWORD@HOST:PORT in its variable"
+    via = f" via proxy {proxy}" if proxy is not None else ""
+    if status in (401, 403):
+        proxy_creds = " or the proxy's credentials" if proxy is not None else ""
+        return f"{via} (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY{proxy_creds})"
+    return via
+
+
+def _proxy_hint(proxy: Proxy | None) -> str:
+    if proxy is None:
+        return ""
+    return f" (through proxy {proxy}: a TLS-inspecting proxy's CA goes in IMPORTER_PROXY_CERT_DIR)"
 
 
 def _describe(err: BaseException) -> str:
-    if isinstance(err, http.client.IncompleteRead):
-        return f"connection closed with {err.expected} bytes still expected (Content-Length not met)"
-    if isinstance(err, TimeoutError):
+    """What went wrong on the wire, in words, whichever layer (socket, http.client, urllib3) raised it."""
+    if isinstance(err, ProxyUnreachable):
+        return str(err)
+    incomplete = _find(err, http.client.IncompleteRead)
+    if incomplete is not None:
+        return f"connection closed with {incomplete.expected} bytes still expected (Content-Length not met)"
+    if isinstance(err, NewConnectionError) or (isinstance(err, OSError) and err.strerror):
+        cause = _find(err, OSError) if isinstance(err, NewConnectionError) else err
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or err)
+        return f"cannot connect: {reason}"
+    if isinstance(err, ConnectTimeoutError):
+        return "connection timed out"
+    if isinstance(err, TimeoutError | ReadTimeoutError):
         return "no data received within the stall timeout"
+    if isinstance(err, ProtocolError) and err.args:
+        return str(err.args[0])
     return str(err) or type(err).__name__

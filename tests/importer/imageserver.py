@@ -47,12 +47,14 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     """Serves Routes by URL path; records each request as (method, path, Range header, headers)."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", name: str | None = None) -> None:
+        """host: the address to listen on; name: the host URLs use (a name, for tests that must not say 127.0.0.1)."""
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str, str | None, dict[str, str]]] = []
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_state": self})
-        self._httpd = _Server(("127.0.0.1", 0), handler)
+        self._httpd = _Server((host, 0), handler)
+        self.name = name or host
         self._httpd.daemon_threads = True
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
@@ -66,7 +68,7 @@ class ImageServer:
         return self.url(url_path)
 
     def url(self, url_path: str) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}{url_path}"
+        return f"{self.scheme}://{self.name}:{self.port}{url_path}"
 
     def record(self, entry: tuple[str, str, str | None, dict[str, str]]) -> None:
         with self._lock:

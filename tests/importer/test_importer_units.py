@@ -15,10 +15,10 @@ import pytest
 from importer import formats, qemu_img
 from importer.cli import extra_headers_from_env, resolve_overhead
 from importer.errors import ChecksumMismatch, ConfigError, ImageTooLarge, InvalidImage
+from importer.net.headers import parse_header
 from importer.pipeline import Checksum
 from importer.processor import Route, choose_route, scratch_reason
 from importer.progress import ImportMetrics, Progress, termination_message
-from importer.sources.http import parse_header
 from importer.sources.upload import UploadSource
 from importer.target import (
     WRITEBACK_INTERVAL,

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every remote source: proxies, TLS trust, connection pools, extra headers."""
