@@ -47,6 +47,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     pools.add_argument("--datadir", help='JSON array of pools: [{"name": "legacy", "path": "/var/hpvolumes"}]')
     pools.add_argument("--config", type=Path, help="a HostPathProvisioner CR (YAML or JSON) with spec.storagePools")
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (off when not given)")
+    serve.add_argument("--metrics-cert-file", type=Path, help="PEM certificate: serve metrics over HTTPS (as HPP)")
+    serve.add_argument("--metrics-key-file", type=Path, help="PEM private key of --metrics-cert-file")
+    serve.add_argument("--host-root", type=Path, default=Path("/"),
+                       help="where the host's / is mounted in a container (read-only), so the check that a pool "
+                            "shares the OS partition compares with the host's root, not the container's")
     serve.add_argument("--workers", type=int, default=16, help="threads serving calls")
     serve.add_argument("--advertise-get-snapshot", action="store_true",
                        help="advertise GET_SNAPSHOT (CSI 1.12 alpha; csi-sanity before v5.5.0 rejects it)")
@@ -64,7 +69,8 @@ def run_serve(opts: argparse.Namespace) -> int:
         driver = Driver(DriverOptions(
             node_id=opts.nodeid, endpoint=opts.endpoint, pools=pools, driver_name=opts.drivername,
             version=opts.version or own_version(), metrics_address=opts.metrics_address, workers=opts.workers,
-            advertise_get_snapshot=opts.advertise_get_snapshot,
+            advertise_get_snapshot=opts.advertise_get_snapshot, host_root=opts.host_root,
+            metrics_cert_file=opts.metrics_cert_file, metrics_key_file=opts.metrics_key_file,
         ))
         driver.start()
     except (ConfigError, PoolError, EndpointError, OSError) as exc:
@@ -133,7 +139,8 @@ def run_mount_pool(opts: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (the chart's tests parse its arguments with it)."""
     parser = argparse.ArgumentParser(prog="hpp-csi", description="KubeVirt hostpath provisioner CSI driver")
     logging_flags(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ctl.add_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _opts: print(own_version()) or 0)
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
     logs.setup(opts.log_format, opts.verbosity)
     result: int = opts.func(opts)
     return result

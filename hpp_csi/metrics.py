@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -17,9 +18,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class PoolCollector(Collector):
     """Reads pool capacity when Prometheus scrapes, so the figures are never stale."""
 
-    def __init__(self, manager: VolumeManager) -> None:
+    def __init__(self, manager: VolumeManager, host_root: Path = Path("/")) -> None:
         self.manager = manager
-        self.shared_with_os = {name: check_path_not_shared(pool) for name, pool in manager.pools.items()}
+        self.shared_with_os = {name: check_path_not_shared(pool, host_root) for name, pool in manager.pools.items()}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         shared = GaugeMetricFamily(
@@ -55,9 +56,9 @@ class PoolCollector(Collector):
 class DriverMetrics:
     """The driver's own registry (no process-global state), with the RPC instruments."""
 
-    def __init__(self, manager: VolumeManager) -> None:
+    def __init__(self, manager: VolumeManager, host_root: Path = Path("/")) -> None:
         self.registry = CollectorRegistry()
-        self.pools = PoolCollector(manager)
+        self.pools = PoolCollector(manager, host_root)
         self.registry.register(self.pools)
         self.rpc_total = Counter(
             "hpp_csi_rpc_total", "CSI calls served, by method and gRPC status code", ["method", "code"],

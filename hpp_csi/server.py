@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from hpp_csi.config import PoolConfig
+from hpp_csi.config import ConfigError, PoolConfig
 from hpp_csi.csi.controller import ControllerService
 from hpp_csi.csi.identity import IdentityService
 from hpp_csi.csi.node import NodeService
@@ -50,6 +51,9 @@ class DriverOptions:
     metrics_address: str | None = None
     workers: int = 16
     advertise_get_snapshot: bool = False
+    host_root: Path = Path("/")  # where the host's / is seen (the pool-shares-the-OS check)
+    metrics_cert_file: Path | None = None  # with metrics_key_file: metrics over HTTPS
+    metrics_key_file: Path | None = None
 
 
 def socket_path(endpoint: str) -> Path:
@@ -110,13 +114,24 @@ class Driver:
         self._metrics_server: Any = None
         self.stopped = threading.Event()
 
+    def check_options(self) -> None:
+        """Refuse, before anything is touched, options that would only fail later."""
+        o = self.options
+        if not o.host_root.is_dir():
+            raise ConfigError(f"--host-root {o.host_root} is not a directory: mount the host's / there (read-only)")
+        if (o.metrics_cert_file is None) != (o.metrics_key_file is None):
+            raise ConfigError("--metrics-cert-file and --metrics-key-file go together: give both or neither")
+        if o.metrics_cert_file is not None and not o.metrics_address:
+            raise ConfigError("--metrics-cert-file needs --metrics-address (metrics are off without it)")
+
     def start(self) -> None:
+        self.check_options()
         for pool in self.pools:
             pool.prepare()
         self.manager.load()
         self.snapshots.load()
         block_publish.detach_orphans([pool.volumes_dir for pool in self.pools])
-        metrics = self.metrics = DriverMetrics(self.manager)
+        metrics = self.metrics = DriverMetrics(self.manager, self.options.host_root)
         claim_socket(self.socket)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="csi"),
@@ -136,14 +151,21 @@ class Driver:
         server.start()
         self._server = server
         if o.metrics_address:
+            tls = o.metrics_cert_file is not None
             try:
                 host, port = split_address(o.metrics_address)
-                self._metrics_server = start_http_server(port, host, registry=metrics.registry)
-            except (OSError, EndpointError) as exc:
+                self._metrics_server = start_http_server(
+                    port, host, registry=metrics.registry,
+                    certfile=str(o.metrics_cert_file) if tls else None,
+                    keyfile=str(o.metrics_key_file) if tls else None,
+                    tls_min_version=ssl.TLSVersion.TLSv1_2 if tls else None,
+                )
+            except (OSError, EndpointError) as exc:  # ssl.SSLError is an OSError: a bad certificate or key
                 self.stop(0)  # no half-started driver: the socket goes too
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise EndpointError(f"cannot serve metrics on {o.metrics_address!r}: {reason}") from exc
-            log.info("metrics on http://%s:%d/metrics", host, port)
+                what = f" with certificate {o.metrics_cert_file} and key {o.metrics_key_file}" if tls else ""
+                raise EndpointError(f"cannot serve metrics on {o.metrics_address!r}{what}: {reason}") from exc
+            log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
         log.info("%s %s serving %s on node %s with %d volume(s) in pools %s", o.driver_name, o.version, self.socket,
                  o.node_id, self.manager.count(), ", ".join(p.name for p in self.pools))
         bad = self.manager.bad_entries.all()

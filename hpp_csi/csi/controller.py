@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from hpp_csi import errors, names
 from hpp_csi.csi.access import check_capabilities, requested_mode, unsupported_reason
+from hpp_csi.csi.expansion import grow, requested_capacity
 from hpp_csi.csi.topology import matches, node_topology, requirement_allows
 from hpp_csi.spec import csi_pb2 as csi
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
@@ -41,7 +42,10 @@ CAPABILITIES = (
     RPC.CREATE_DELETE_SNAPSHOT,
     RPC.LIST_SNAPSHOTS,
     RPC.CLONE_VOLUME,
-    RPC.EXPAND_VOLUME,
+    # No EXPAND_VOLUME: a controller runs on every node but only the node holding a volume can grow it. Without
+    # it, csi-resizer (one, leader-elected) only records the new size and kubelet calls NodeExpandVolume on the
+    # volume's node (docs/deployment.md, "Expansion across nodes"). ControllerExpandVolume still serves direct
+    # callers.
 )
 SNAPSHOT_LOCK = "snapshot:"
 DEFAULT_BLOCK_BYTES = 1 << 30
@@ -335,19 +339,10 @@ class ControllerService(csi_grpc.ControllerServicer):
         volume_id = names.volume_id(request.volume_id)
         if not request.HasField("capacity_range"):
             raise errors.invalid_argument("capacity_range is required")
-        capacity = resolve_capacity(request.capacity_range.required_bytes, request.capacity_range.limit_bytes)
-        if capacity <= 0:
-            raise errors.invalid_argument("capacity_range must ask for a size")
+        requested_capacity(request.capacity_range)  # a bad range is refused before the volume is looked up
         with self.manager.locks.hold(volume_id):
-            volume = self.manager.get(volume_id)
-            limit = request.capacity_range.limit_bytes
-            if limit and volume.record.capacity_bytes > limit:
-                raise errors.out_of_range(
-                    f"volume {volume_id!r} already holds {volume.record.capacity_bytes} bytes, more than limit_bytes "
-                    f"{limit}; volumes do not shrink"
-                )
-            record = self.manager.expand(volume, capacity)
-            published = bool(Publications().of_volume(volume.path, record.mode))
+            record = grow(self.manager, volume_id, request.capacity_range)
+            published = bool(Publications().of_volume(self.manager.get(volume_id).path, record.mode))
         log.info("volume %s expanded to %d bytes", volume_id, record.capacity_bytes)
         return csi.ControllerExpandVolumeResponse(
             capacity_bytes=record.capacity_bytes,

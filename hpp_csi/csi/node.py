@@ -12,6 +12,7 @@ import grpc
 
 from hpp_csi import errors, names
 from hpp_csi.csi.access import READ_ONLY_MODES, AccessMode, unsupported_reason
+from hpp_csi.csi.expansion import grow, requested_capacity
 from hpp_csi.csi.targets import TargetCheck, nearest_folder, open_folder
 from hpp_csi.csi.topology import node_topology
 from hpp_csi.linux import mounts
@@ -353,12 +354,20 @@ class NodeService(csi_grpc.NodeServicer):
     ) -> csi.NodeExpandVolumeResponse:
         volume_id = names.volume_id(request.volume_id)
         names.require(request.volume_path, "volume_path")
+        wanted = request.HasField("capacity_range") and (
+            request.capacity_range.required_bytes or request.capacity_range.limit_bytes)
+        if wanted:
+            requested_capacity(request.capacity_range)  # a bad range is refused before the volume is looked up
         with self.manager.locks.hold(volume_id):
             volume = self.manager.get(volume_id)
             existing_path(request.volume_path)
-            if volume.record.mode == "block":
+            # kubelet asks for the PV's new size here: the resizer only recorded it (no controller expansion).
+            record = grow(self.manager, volume_id, request.capacity_range) if wanted else volume.record
+            if record.mode == "block":
                 block_publish.refresh(volume.path)
-        return csi.NodeExpandVolumeResponse(capacity_bytes=volume.record.capacity_bytes)
+        if wanted:
+            log.info("volume %s expanded to %d bytes on node %s", volume_id, record.capacity_bytes, self.node_id)
+        return csi.NodeExpandVolumeResponse(capacity_bytes=record.capacity_bytes)
 
     def NodeGetCapabilities(
         self, request: csi.NodeGetCapabilitiesRequest, context: grpc.ServicerContext

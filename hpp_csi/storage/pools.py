@@ -148,9 +148,11 @@ class StoragePool:
             free_inodes=st.f_favail,
         )
 
-    def shares_os_filesystem(self) -> bool:
-        """True when the pool sits on the filesystem of `/` (documented as a risk: it can fill the OS partition)."""
-        return os.stat(self.volumes_dir).st_dev == os.stat("/").st_dev
+    def shares_os_filesystem(self, host_root: Path = Path("/")) -> bool:
+        """True when the pool sits on the filesystem of the OS's root (a risk: it can fill the OS partition).
+        In a container `/` is an overlay: `host_root` is where the host's `/` is mounted (bind mounts keep the
+        device number, so the comparison is the host's)."""
+        return os.stat(self.volumes_dir).st_dev == os.stat(host_root).st_dev
 
     def volume_path(self, volume_id: str) -> Path:
         return self.volumes_dir / volume_id
@@ -214,14 +216,15 @@ class StoragePool:
         return f"StoragePool({self.name!r}, {str(self.volumes_dir)!r})"
 
 
-def check_path_not_shared(pool: StoragePool) -> bool:
+def check_path_not_shared(pool: StoragePool, host_root: Path = Path("/")) -> bool:
     """Log the documented warning when a pool shares the OS filesystem; return whether it does."""
-    shared = pool.shares_os_filesystem()
+    shared = pool.shares_os_filesystem(host_root)
     if shared:
         log.warning(
-            "storage pool %r at %s is on the same filesystem as /: volumes can fill the operating system's "
-            "partition and make the node unstable; use a dedicated filesystem",
+            "storage pool %r at %s is on the same filesystem as the host's / (seen at %s): volumes can fill the "
+            "operating system's partition and make the node unstable; use a dedicated filesystem",
             pool.name,
             pool.volumes_dir,
+            host_root,
         )
     return shared

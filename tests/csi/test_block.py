@@ -161,6 +161,16 @@ class TestPublish:
         [entry] = [e for e in driver.list_all() if e.volume.volume_id == name]
         assert list(entry.status.published_node_ids) == [driver.node_id]
 
+    def test_online_expansion_on_the_node(self, driver: Driver, target: str) -> None:
+        """As kubelet does it: NodeExpandVolume with the PV's new size grows the file and the loop device."""
+        name = make_block(driver, 4 * MiB)
+        driver.publish(name, target, cap=block_cap())
+        node = driver.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(
+            volume_id=name, volume_path=target, capacity_range=csi.CapacityRange(required_bytes=10 * MiB)))
+        assert node.capacity_bytes == 10 * MiB
+        assert driver.volume_path(name).stat().st_size == 10 * MiB
+        assert device_size(target) == 10 * MiB
+
     def test_online_expansion(self, driver: Driver, target: str) -> None:
         name = make_block(driver, 4 * MiB)
         driver.publish(name, target, cap=block_cap())

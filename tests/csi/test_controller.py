@@ -522,6 +522,8 @@ def test_controller_capabilities(driver: Driver) -> None:
     # Volumes are node-local: there is nothing to attach, so no ControllerPublish (kubelet skips it).
     assert RPC.PUBLISH_UNPUBLISH_VOLUME not in kinds and RPC.PUBLISH_READONLY not in kinds
     assert RPC.GET_SNAPSHOT not in kinds
+    # Expansion is the node's (kubelet calls it where the volume is); a controller on every node must not offer it.
+    assert RPC.EXPAND_VOLUME not in kinds
 
 
 def test_get_snapshot_capability_on_request(spawn: Callable[..., Driver]) -> None:

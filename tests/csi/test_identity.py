@@ -43,10 +43,14 @@ def test_plugin_capabilities(driver: Driver) -> None:
                  if kind == "volume_expansion"}
     assert len(services) + len(expansion) == len(reply.capabilities)  # csi-sanity fails on any other kind
     assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
-    assert expansion <= {Expansion.ONLINE, Expansion.OFFLINE}
+    # Expansion happens on the node only: ONLINE with node EXPAND_VOLUME and no controller EXPAND_VOLUME is what
+    # makes csi-resizer record the size without calling a driver, and kubelet call NodeExpandVolume where the
+    # volume is (external-resizer's NewResizerFromClient picks its trivial resizer for it).
+    assert expansion == {Expansion.ONLINE}
     controller = driver.controller.ControllerGetCapabilities(csi.ControllerGetCapabilitiesRequest())
-    expands = any(c.rpc.type == csi.ControllerServiceCapability.RPC.EXPAND_VOLUME for c in controller.capabilities)
-    assert bool(expansion) == expands  # the plugin capability and the controller's agree
+    assert csi.ControllerServiceCapability.RPC.EXPAND_VOLUME not in {c.rpc.type for c in controller.capabilities}
+    node = driver.node.NodeGetCapabilities(csi.NodeGetCapabilitiesRequest())
+    assert csi.NodeServiceCapability.RPC.EXPAND_VOLUME in {c.rpc.type for c in node.capabilities}
 
 
 def test_probe_ready(driver: Driver) -> None:

@@ -300,10 +300,25 @@ def expand(driver: Driver, volume_id: str, required: int, limit: int = 0) -> csi
     return reply
 
 
+def node_expand(driver: Driver, volume_id: str, target: str, required: int = 0,
+                limit: int = 0) -> csi.NodeExpandVolumeResponse:
+    """As kubelet calls it after the resizer recorded the PV's new size: the size in capacity_range."""
+    reply: csi.NodeExpandVolumeResponse = driver.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(
+        volume_id=volume_id, volume_path=target,
+        capacity_range=csi.CapacityRange(required_bytes=required, limit_bytes=limit)))
+    return reply
+
+
+def capacity(driver: Driver, volume_id: str) -> int:
+    reply = driver.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=volume_id))
+    return int(reply.volume.capacity_bytes)
+
+
 class TestExpansion:
     @pytest.fixture(autouse=True)
     def _gate(self, driver: Driver) -> None:
-        require(driver, RPC.EXPAND_VOLUME)
+        reply = driver.node.NodeGetCapabilities(csi.NodeGetCapabilitiesRequest())
+        assert csi.NodeServiceCapability.RPC.EXPAND_VOLUME in {c.rpc.type for c in reply.capabilities}
 
     def test_validation(self, driver: Driver) -> None:
         with rpc_error(INVALID):
@@ -346,6 +361,34 @@ class TestExpansion:
         driver.publish(name, target)
         reply = driver.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(volume_id=name, volume_path=target))
         assert reply.capacity_bytes == 3 * MiB
+
+    def test_node_expand_grows_the_volume(self, driver: Driver, target: str) -> None:
+        """The path kubelet takes: NodeExpandVolume with the new size does the whole expansion."""
+        name = driver.create(unique(), 2 * MiB).volume_id
+        driver.publish(name, target)
+        assert node_expand(driver, name, target, 6 * MiB).capacity_bytes == 6 * MiB
+        assert capacity(driver, name) == 6 * MiB
+        assert usage_of(driver.stats(name, target), csi.VolumeUsage.Unit.BYTES).total == 6 * MiB
+        assert node_expand(driver, name, target, 6 * MiB).capacity_bytes == 6 * MiB  # idempotent
+        assert node_expand(driver, name, target, 4 * MiB).capacity_bytes == 6 * MiB  # never shrinks
+        with rpc_error(grpc.StatusCode.OUT_OF_RANGE, "volumes do not shrink"):
+            node_expand(driver, name, target, MiB, limit=5 * MiB)
+        with rpc_error(INVALID, "limit_bytes"):
+            node_expand(driver, name, target, 8 * MiB, limit=7 * MiB)
+        assert capacity(driver, name) == 6 * MiB
+
+    def test_node_expand_beyond_pool(self, driver: Driver, target: str) -> None:
+        name = driver.create(unique(), MiB, pool="fast").volume_id
+        driver.publish(name, target)
+        with rpc_error(grpc.StatusCode.OUT_OF_RANGE, "cannot grow"):
+            node_expand(driver, name, target, 1 << 40)
+        assert capacity(driver, name) == MiB
+
+    def test_node_expand_of_a_volume_elsewhere(self, driver: Driver, target: str) -> None:
+        """Kubelet only calls the node holding the volume; any other node's driver does not know it."""
+        Path(target).mkdir()
+        with rpc_error(NOT_FOUND):
+            node_expand(driver, "fake-vol-id-0123456789", target, 4 * MiB)
 
 
 def test_snapshots_survive_restart(spawn: Callable[..., Driver]) -> None:

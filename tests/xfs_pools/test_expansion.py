@@ -47,7 +47,9 @@ def test_online_expansion_is_advertised(driver: PoolDriver) -> None:
     assert expansion == [csi.PluginCapability.VolumeExpansion.ONLINE]
     controller: csi.ControllerGetCapabilitiesResponse = driver.controller.ControllerGetCapabilities(
         csi.ControllerGetCapabilitiesRequest())
-    assert csi.ControllerServiceCapability.RPC.EXPAND_VOLUME in {c.rpc.type for c in controller.capabilities}
+    # Expansion happens on the node (kubelet's NodeExpandVolume); the controller advertises none, so one
+    # cluster-wide csi-resizer only records the new size (docs/deployment.md).
+    assert csi.ControllerServiceCapability.RPC.EXPAND_VOLUME not in {c.rpc.type for c in controller.capabilities}
     node: csi.NodeGetCapabilitiesResponse = driver.node.NodeGetCapabilities(csi.NodeGetCapabilitiesRequest())
     assert csi.NodeServiceCapability.RPC.EXPAND_VOLUME in {c.rpc.type for c in node.capabilities}
 
