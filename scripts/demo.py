@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,6 +205,62 @@ def upload_disk() -> None:
     print(f"{disk} holds the uploaded image, decompressed on the way (checked with qemu-img compare)")
 
 
+def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo failed: {what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"demo failed: {what} did not answer {url} within {seconds:.0f} s")
+
+
+def run_shown(*command: str) -> None:
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def registry_disk(volume_dir: Path) -> None:
+    """A container disk built with umoci, pushed by skopeo to a local docker-registry, imported by hpp-importer."""
+    raw = RUN / "images" / "disk.raw"
+    tools = [t for t in ("docker-registry", "umoci", "skopeo") if shutil.which(t) is None]
+    if not raw.exists() or tools:
+        print(f"(missing {', '.join(tools) or 'the image from the import step'}: skipping the registry step)")
+        return
+    work, port = RUN / "registry", free_port()
+    work.mkdir()
+    config = work / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage: {{filesystem: {{rootdirectory: {work / 'storage'}}}}}\n"
+                      f"http: {{addr: \"127.0.0.1:{port}\"}}\nlog: {{level: error}}\n")
+    print(f"$ docker-registry serve {config}   # on 127.0.0.1:{port}", flush=True)
+    with (work / "registry.log").open("wb") as log:
+        registry = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/", registry, "docker-registry")
+        layout, staged = work / "oci", work / "disk.img"
+        shutil.copyfile(raw, staged)
+        os.chown(staged, 107, 107)  # as KubeVirt's container disks are
+        run_shown("umoci", "init", "--layout", str(layout))
+        run_shown("umoci", "new", "--image", f"{layout}:demo")
+        run_shown("umoci", "insert", "--image", f"{layout}:demo", str(staged), "/disk/disk.img")
+        reference = f"docker://127.0.0.1:{port}/disks/demo:1"
+        run_shown("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:demo", reference)
+        command = [str(BIN / "hpp-importer"), "import", "--source", "registry", "--endpoint", reference,
+                   "--insecure-tls", "--dest", str(volume_dir), "--image-size", "128Mi", "--no-progress"]
+        print("$ " + " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    finally:
+        registry.terminate()
+        registry.wait(30)
+    disk = volume_dir / "disk.img"
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(disk)],
+                             capture_output=True, text=True)
+    if compare.returncode != 0:
+        raise SystemExit(f"demo failed: {disk} differs from the source image:\n{compare.stdout}{compare.stderr}")
+    print(f"{disk} holds the container disk, streamed out of its layer (checked with qemu-img compare)")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root: publishing a volume is a bind mount", file=sys.stderr)
@@ -233,6 +290,10 @@ def main() -> int:
         ctl("create", "demo-upload", "--size", "128Mi")
         upload_disk()
         ctl("delete", "demo-upload")
+        say("import a container disk from a local registry (docker-registry, umoci, skopeo)")
+        ctl("create", "demo-registry", "--size", "128Mi")
+        registry_disk(POOL / "demo-registry")
+        ctl("delete", "demo-registry")
         ctl("list")
     say("demo complete")
     return 0

@@ -407,7 +407,8 @@ def write_disk(path: Path, size: int, seed: int) -> Path:
     rng = random.Random(seed)
     with path.open("wb") as f:
         f.truncate(size)
-        f.write(rng.randbytes(size // 4))
+        for start in range(0, size // 4, 16 * MiB):  # randbytes is limited to 2**31 bits a call
+            f.write(rng.randbytes(min(16 * MiB, size // 4 - start)))
         f.seek(size // 2 + 4096 * 3 + 77)
         f.write(rng.randbytes(64 * 1024))
     return path
