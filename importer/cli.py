@@ -31,6 +31,7 @@ from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, terminat
 from importer.progress_bar import TransferProgress
 from importer.registry.options import RegistryOptions
 from importer.serve import upload_config
+from importer.serve.resume import DEFAULT_HOLD
 from importer.sources import BlankSource, FileSource, HttpOptions, HttpSource, RegistrySource, Source
 from importer.target import DEFAULT_FILESYSTEM_OVERHEAD, open_target
 from importer.units import human, parse_duration, parse_quantity
@@ -165,6 +166,8 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--scratch", type=Path, help="scratch directory for formats that need one "
                        "[the volume's pool's .hpp-csi/staging]")
     add_deadline_flags(serve, "drop a client that")
+    serve.add_argument("--resume-hold", type=float, default=DEFAULT_HOLD,
+                       help="seconds an interrupted resumable upload waits for its continuation [%(default)s]")
     serve.add_argument("-v", "--verbose", action="store_true")
     token = sub.add_parser("upload-token", help="print a token allowing one upload into VOLUME on this node")
     token.add_argument("volume", metavar="VOLUME", help="the volume's ID (its name in the pool)")
@@ -221,7 +224,7 @@ def run_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         config = DaemonConfig(
             listen=listen, pools=[StoragePool(p) for p in pool_configs], tls_cert=cert, tls_key=tls_key,
             public_key=key.public_key(), healthz=healthz, filesystem_overhead=_fraction(overhead_text),
-            scratch_dir=args.scratch, deadlines=deadlines_from(args, env),
+            scratch_dir=args.scratch, deadlines=deadlines_from(args, env), resume_hold=args.resume_hold,
         )
         daemon = UploadDaemon(config)
     except (ImporterError, PoolConfigError, tokens.TokenError) as err:

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
-from hpp_csi.linux.safe_open import open_dir
+from hpp_csi.linux.safe_open import open_dir, open_regular, opened
 from importer import formats, qcow2, qemu_img
 from importer.archive import extract_tar
 from importer.deadline import ProcessWatchdog
@@ -95,6 +96,17 @@ def scratch_reason(fmt: str, compressions: list[str], random_access: bool,
     return f"the {fmt} image must be downloaded and its checksum verified before conversion"
 
 
+class DurableWork(Protocol):
+    """A resumable upload's bytes on disk, kept across a server restart (importer/serve/resume_state.py)."""
+
+    offset: int  # bytes of the image an earlier process left in the work file (0: a fresh upload)
+    scratch_name: str | None  # that work file, when it is a scratch file
+
+    def attach(self, route: Route, resumable: bool, work: Path, fd: int, writer: SparseWriter | None) -> None:
+        """The import writes work through fd (and writer, when the bytes land as they arrive); raises when a
+        resumed upload's bytes no longer take the route they took before."""
+
+
 @dataclass
 class ImportRequest:
     source: Source
@@ -109,6 +121,7 @@ class ImportRequest:
     info_timeout: float = INFO_TIMEOUT
     qcow2_reader: str = "native"  # or "qemu-img": who converts a qcow2 read in place
     connections: int = DEFAULT_CONNECTIONS
+    durable: DurableWork | None = None  # a resumable upload: its record follows what reaches the disk
 
 
 @dataclass
@@ -303,6 +316,10 @@ class ImportProcessor:
     # -- helpers --------------------------------------------------------------------------------------
 
     @property
+    def _resumed(self) -> int:
+        return self.req.durable.offset if self.req.durable is not None else 0
+
+    @property
     def layers_compressed(self) -> bool:
         return bool(self.layers and self.layers.compressions)
 
@@ -329,9 +346,11 @@ class ImportProcessor:
         """The target opened for writing (a new temporary file, or the device), preallocated when asked."""
         req = self.req
         self.work = work = req.target.begin()
-        flags = os.O_WRONLY if req.target.is_block else os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        fd = os.open(work, flags, 0o660)
+        resumed = self._resumed
+        fd = req.target.open_work(work, create=not resumed)
         try:
+            if resumed and not req.target.is_block:
+                os.ftruncate(fd, resumed)  # what followed the last commit may differ from what comes now
             if req.preallocation and not req.target.is_block:
                 self.applied = preallocate_file(fd, 0, self.usable)
             elif req.preallocation:
@@ -442,11 +461,15 @@ class ImportProcessor:
             if not req.target.is_block and not req.preallocation and compressions \
                     and can_write_through(compressions[-1]):
                 # xz/zstd write the file (holes included) themselves: no decompressed byte crosses Python.
+                if req.durable is not None:
+                    req.durable.attach(Route.STREAM, False, work, fd, None)
                 with WritebackPacer(work):
                     self.layers.decompress_into(fd, self.usable)
                 self.virtual_size = os.fstat(fd).st_size
             else:
-                writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+                writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable, self._resumed)
+                if req.durable is not None:
+                    req.durable.attach(Route.STREAM, not compressions, work, fd, writer)
                 copy(self.layers.open(), writer)
                 if not req.target.is_block and not req.preallocation:
                     os.ftruncate(fd, writer.offset)
@@ -463,11 +486,19 @@ class ImportProcessor:
             raise ConfigError(f"scratch directory {req.scratch_dir} does not exist")
         st = os.statvfs(req.scratch_dir)
         limit = int(st.f_bavail * st.f_frsize * (1 - SCRATCH_RESERVE))
-        self.scratch_file = req.scratch_dir / f"hpp-import-{uuid.uuid4().hex[:12]}.{self.fmt}"
+        resumed, durable = self._resumed, req.durable
+        name = durable.scratch_name if durable is not None and resumed and durable.scratch_name else None
+        self.scratch_file = req.scratch_dir / (name or f"hpp-import-{uuid.uuid4().hex[:12]}.{self.fmt}")
         self._source_percent = req.progress.range(0, 50)
-        fd = os.open(self.scratch_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        flags = os.O_WRONLY if name else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with opened(os.open(req.scratch_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as scratch_fd:
+            fd = open_regular(scratch_fd, self.scratch_file.name, flags, 0o600)
         try:
-            writer = SparseWriter(fd, ZeroPolicy.SKIP, limit)
+            if name:
+                os.ftruncate(fd, resumed)  # what followed the last commit may differ from what comes now
+            writer = SparseWriter(fd, ZeroPolicy.SKIP, limit, resumed)
+            if durable is not None:
+                durable.attach(Route.SCRATCH, not self.layers.compressions, self.scratch_file, fd, writer)
             try:
                 copy(self.layers.open(), writer)
             except ImageTooLarge as err:

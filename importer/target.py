@@ -9,6 +9,7 @@ import fcntl
 import math
 import os
 import queue
+import re
 import stat
 import struct
 import threading
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from hpp_csi.linux.safe_open import open_regular, opened
 from importer.errors import ConfigError, ImageTooLarge, ImporterError
 from importer.units import MiB, round_down
 
 DISK_IMAGE_NAME = "disk.img"
+PART_NAME = re.compile(r"\.disk\.img\.[0-9a-f]{12}\.part")  # the temporary name of an image being written
 DEFAULT_FILESYSTEM_OVERHEAD = 0.055  # CDI's default: 5.5% of a Filesystem-mode PVC is kept for metadata
 ZERO_BLOCK = 4096  # hole granularity, as qemu-img convert -S 4k
 _ZEROS = bytes(1024 * 1024)
@@ -123,10 +126,12 @@ class SparseWriter:
     from several threads at once (pwrite, no shared position) for readers that fetch an image out of order.
     """
 
-    def __init__(self, fd: int, policy: ZeroPolicy, limit: int) -> None:
+    def __init__(self, fd: int, policy: ZeroPolicy, limit: int, skip_below: int = 0) -> None:
         self._fd, self._policy, self._limit = fd, policy, limit
         self.offset = 0
         self._synced = 0
+        self._skip = skip_below  # a resumed upload: these first bytes are on disk already, counted but not written
+        self._lock = threading.Lock()  # write() against sync_prefix(), which may run on another thread
 
     @property
     def zeroes_holes(self) -> bool:
@@ -134,11 +139,28 @@ class SparseWriter:
         return self._policy is not ZeroPolicy.SKIP
 
     def write(self, data: bytes) -> None:
-        self.write_at(self.offset, data)
-        self.offset = end = self.offset + len(data)
+        with self._lock:
+            start = self.offset
+            if start + len(data) > self._skip:
+                cut = max(0, self._skip - start)
+                self.write_at(start + cut, data[cut:] if cut else data)
+            self.offset = end = start + len(data)
         if end - self._synced >= WRITEBACK_EVERY:
             start_writeback(self._fd, self._synced, end - self._synced)
             self._synced = end
+
+    def sync_prefix(self, fd: int, extend: bool) -> int:
+        """Make what write() wrote durable through fd (a duplicate of the writer's); the prefix it covers.
+
+        extend: a file whose trailing zero blocks were skipped is grown to the prefix, so the prefix reads back
+        whole after a restart.
+        """
+        with self._lock:
+            end = self.offset
+            if extend and os.fstat(fd).st_size < end:
+                os.ftruncate(fd, end)
+        os.fsync(fd)
+        return end
 
     def write_at(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
@@ -290,6 +312,24 @@ class Target:
     def current_size(self, work: Path) -> int:
         raise NotImplementedError
 
+    def adopt(self, name: str) -> None:
+        """Go on writing the temporary file `name` a previous process left (a resumed upload)."""
+        raise ImporterError(f"{self.path} is written in place: there is no temporary file to resume")
+
+    def open_work(self, work: Path, create: bool) -> int:
+        """The path begin() returned, opened for writing: a new file (create), or the one a resumed upload left."""
+        raise NotImplementedError
+
+    def open_prefix(self, name: str) -> int:
+        """What a resumed upload left (its temporary file `name`, or the device), opened to read its prefix back."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Done with this target without an import (a check): close what it holds, touch nothing."""
+
+    def discard_leftovers(self) -> None:
+        """Remove what an import that did not end (a killed process) left in the destination."""
+
     def zero_policy(self, preallocation: Preallocation) -> ZeroPolicy:
         raise NotImplementedError
 
@@ -313,22 +353,56 @@ class FileTarget(Target):
         return st.f_bavail * st.f_frsize
 
     def begin(self) -> Path:
-        self.work = self.path / f".{DISK_IMAGE_NAME}.{uuid.uuid4().hex[:12]}.part"
+        if self.work is None:  # else adopted: a resumed upload goes on in the file it left
+            self.work = self.path / f".{DISK_IMAGE_NAME}.{uuid.uuid4().hex[:12]}.part"
         return self.work
 
+    def adopt(self, name: str) -> None:
+        """Go on writing the temporary file a previous process left (a resumed upload); begin() returns it."""
+        if not PART_NAME.fullmatch(name):
+            raise ImporterError(f"{name!r} is not a temporary image name in {self.path}")
+        self.work = self.path / name
+
+    def _dir(self) -> int:
+        # By path each time: the path is trusted (the mount, or /proc/<pid>/fd/<fd> of a checked volume); what is
+        # inside it is not, so every name below is opened beneath this descriptor without following links.
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def open_work(self, work: Path, create: bool) -> int:
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
+        with opened(self._dir()) as dir_fd:
+            fd = open_regular(dir_fd, work.name, flags, 0o660)
+        return _single_link(fd, work)
+
+    def open_prefix(self, name: str) -> int:
+        if not PART_NAME.fullmatch(name):
+            raise ImporterError(f"{name!r} is not a temporary image name in {self.path}")
+        with opened(self._dir()) as dir_fd:
+            fd = open_regular(dir_fd, name, os.O_RDONLY)
+        return _single_link(fd, self.path / name)
+
+    def discard_leftovers(self) -> None:
+        """Temporary images of imports that never ended: only our own names, never followed."""
+        with opened(self._dir()) as dir_fd:
+            for name in os.listdir(dir_fd):
+                if PART_NAME.fullmatch(name) and (self.work is None or name != self.work.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+
     def commit(self) -> None:
-        if self.work is None:  # an archive: its entries were renamed into place one by one
-            fsync_path(self.path)
-            return
-        fsync_path(self.work)
-        os.replace(self.work, self.final)
-        fsync_path(self.path)  # the rename itself must survive a crash
+        with opened(self._dir()) as dir_fd:
+            if self.work is not None:  # else an archive: its entries were renamed into place one by one
+                with opened(open_regular(dir_fd, self.work.name, os.O_RDONLY)) as fd:
+                    os.fsync(fd)
+                os.replace(self.work.name, DISK_IMAGE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)  # the rename itself must survive a crash
         self.work = None
 
     def abort(self) -> None:
         if self.work is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.work.unlink()
+            with opened(self._dir()) as dir_fd, contextlib.suppress(FileNotFoundError):
+                os.unlink(self.work.name, dir_fd=dir_fd)
             self.work = None
 
     def current_size(self, work: Path) -> int:
@@ -339,7 +413,8 @@ class FileTarget(Target):
         return ZeroPolicy.SKIP
 
     def finish_size(self, work: Path, usable: int, preallocate: bool, written: int) -> Preallocation:
-        fd = os.open(work, os.O_RDWR | os.O_CREAT, 0o660)
+        with opened(self._dir()) as dir_fd:
+            fd = open_regular(dir_fd, work.name, os.O_RDWR | os.O_CREAT, 0o660)
         try:
             size = os.fstat(fd).st_size
             applied = Preallocation.NONE
@@ -396,6 +471,12 @@ class BlockTarget(Target):
     def current_size(self, work: Path) -> int:
         return self.available()
 
+    def open_work(self, work: Path, create: bool) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+
+    def open_prefix(self, name: str) -> int:
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
     def zero_policy(self, preallocation: Preallocation) -> ZeroPolicy:
         return ZeroPolicy.PUNCH if preallocation is Preallocation.NONE else ZeroPolicy.ALLOCATE
 
@@ -409,6 +490,14 @@ class BlockTarget(Target):
         finally:
             os.close(fd)
         return Preallocation.FULL if preallocate else Preallocation.NONE
+
+
+def _single_link(fd: int, work: Path) -> int:
+    """A temporary image hard-linked elsewhere would have us write into another file: refused."""
+    if os.fstat(fd).st_nlink != 1:
+        os.close(fd)
+        raise ImporterError(f"{work.name} in {work.parent} has other hard links; refusing to write it")
+    return fd
 
 
 def open_target(dest: Path) -> Target:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hpp_csi.storage.pools import StoragePool
 from importer.deadline import Deadlines
+from importer.errors import ImporterError
 from importer.serve import tokens
 from importer.serve.resume import DEFAULT_HOLD, upload_id_of
 from importer.serve.tls import server_context
@@ -36,7 +38,16 @@ from importer.serve.upload_server import (
     admission_status,
     tls_http_server,
 )
-from importer.serve.volumes import NodeVolume, VolumeBusy, check_free, find_volume, open_volume_target, scratch_dir_for
+from importer.serve.volumes import (
+    UPLOADS_DIR,
+    NodeVolume,
+    VolumeBusy,
+    check_free,
+    find_volume,
+    open_volume_target,
+    resume_store_for,
+    scratch_dir_for,
+)
 from importer.target import DEFAULT_FILESYSTEM_OVERHEAD, Target
 
 log = logging.getLogger(__name__)
@@ -105,6 +116,7 @@ class UploadDaemon:
         return int(self._servers[1].server_address[1]) if len(self._servers) > 1 else None
 
     def start(self) -> None:
+        self._sweep()
         for httpd in self._servers:
             thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,), name="http", daemon=True)
             thread.start()
@@ -130,6 +142,21 @@ class UploadDaemon:
             httpd.server_close()
         self._threads.clear()
 
+    def _sweep(self) -> None:
+        """What a killed daemon left of uploads that cannot resume is cleaned at start (UploadSlot.sweep)."""
+        for pool in self.config.pools:
+            try:
+                names = os.listdir(pool.store.root / UPLOADS_DIR)
+            except OSError:
+                continue
+            for name in names:
+                volume = find_volume(self.config.pools, name.removesuffix(".json"))
+                if name.endswith(".json") and volume is not None and volume.pool is pool:
+                    try:
+                        self._slot_for(volume).sweep()
+                    except (OSError, ImporterError, VolumeBusy) as err:
+                        log.warning("volume %s: cannot clean what an earlier upload left: %s", volume.volume_id, err)
+
     # -- called by the handler threads ----------------------------------------------------------------
 
     def admission(self, authorization: str | None, query: str,
@@ -149,7 +176,7 @@ class UploadDaemon:
         if busy is not None:
             return slot, busy
         try:
-            check_free(volume)
+            check_free(volume, partial_upload=slot.has_record())
         except VolumeBusy as err:
             return None, (409, str(err))
         except OSError as err:  # the mount table or the pool unreadable: not the client's fault
@@ -185,6 +212,7 @@ class UploadDaemon:
                 config = dataclasses.replace(
                     self._base, open_target=lambda: open_volume_target(volume),
                     image_size=volume.capacity or None, scratch_dir=scratch_dir_for(volume, self.config.scratch_dir),
+                    resume_store=resume_store_for(volume),
                 )
                 slot = VolumeSlot(config, volume.volume_id)
                 self._slots[volume.volume_id] = (volume, slot)

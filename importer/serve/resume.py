@@ -8,6 +8,7 @@ the byte the import has taken so far (`Upload-Offset`). See docs/upload.md for t
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 import threading
@@ -17,6 +18,9 @@ from email.message import Message
 
 from importer.errors import ImporterError, SourceError
 from importer.serve.body import BadRequest, BodyReader
+from importer.serve.resume_state import DurableUpload
+
+log = logging.getLogger(__name__)
 
 ID_HEADER = "Upload-Id"
 LENGTH_HEADER = "Upload-Length"
@@ -24,6 +28,7 @@ OFFSET_HEADER = "Upload-Offset"
 CHECKSUM_HEADER = "Upload-Checksum"
 DEFAULT_HOLD = 600.0  # how long a broken upload waits for its continuation before its target is cleaned
 WAIT_SLICE = 0.5  # how often a parked import looks at cancellation
+SKIP_SLICE = 1024 * 1024  # a continuation's bytes the import took already are read and dropped this much at a time
 _ID = re.compile(r"[A-Za-z0-9._-]{8,128}")
 
 
@@ -81,11 +86,20 @@ def _number(headers: Message, name: str, required: bool) -> int:
 
 
 class ResumableStream:
-    """The image's bytes from a succession of request bodies; a broken body parks the import until the next one."""
+    """The image's bytes from a succession of request bodies; a broken body parks the import until the next one.
 
-    def __init__(self, upload_id: str, length: int, hold: float, cancelled: threading.Event) -> None:
+    Where a continuation starts (expected()) is the committed offset when the import's route keeps its bytes
+    durably (raw written in place, a scratch file): a restart could not honour more. The continuation then
+    resends bytes the import already took, and they are skipped. Otherwise (a compressed stream decoded straight
+    into the target) it is every byte the import took, held only in this process.
+    """
+
+    def __init__(self, upload_id: str, length: int, hold: float, cancelled: threading.Event, start: int = 0,
+                 durable: DurableUpload | None = None) -> None:
         self.upload_id, self.length = upload_id, length
-        self.offset = 0  # bytes handed to the import: where a continuation must start
+        self.offset = start  # bytes handed to the import (after a restart, from the committed prefix on)
+        self.durable = durable
+        self._skip = 0  # bytes at the start of the attached body the import took already
         self._hold, self._cancelled = hold, cancelled
         self._cond = threading.Condition()
         self._body: BodyReader | None = None
@@ -99,10 +113,15 @@ class ResumableStream:
         with self._cond:
             if self._closed:
                 raise OffsetConflict(f"upload {self.upload_id} is no longer held; start again from byte 0", 0)
-            self._detach(f"taken over by a new request at byte {self.offset}")
-            if offset != self.offset:
-                raise OffsetConflict(f"upload {self.upload_id} continues at byte {self.offset}, not {offset}",
-                                     self.offset)
+            taken = self._detach(f"taken over by a new request at byte {self.offset}")
+        if taken:
+            self._commit()
+        with self._cond:
+            expected = self.expected()
+            if offset != expected:
+                raise OffsetConflict(f"upload {self.upload_id} continues at byte {expected}, not {offset}",
+                                     expected)
+            self._skip = self.offset - offset
             self._body, self._lost = body, threading.Event()
             self._cond.notify_all()
             return self._lost
@@ -111,7 +130,23 @@ class ResumableStream:
         """Park the upload (closing the connection that carries it, if any); the offset to continue at."""
         with self._cond:
             self._detach(f"taken over at byte {self.offset}")
-            return self.offset
+        self._commit()
+        return self.expected()
+
+    def expected(self) -> int:
+        """The byte a continuation starts at: the committed offset where the route keeps bytes durably."""
+        durable = self.durable
+        if durable is not None and durable.resumable:
+            return min(durable.committed, self.offset)
+        return self.offset
+
+    def _commit(self) -> None:
+        """The bytes written so far made durable before an offset is reported; a failure only keeps it lower."""
+        if self.durable is not None:
+            try:
+                self.durable.commit()
+            except OSError as err:
+                log.warning("upload %s: cannot commit its bytes on disk: %s", self.upload_id, err)
 
     @property
     def parked(self) -> bool:
@@ -123,6 +158,8 @@ class ResumableStream:
         with self._cond:
             self._closed = True
             self._body, self._lost = None, None  # its request answers on its connection
+        if self.durable is not None:
+            self.durable.close()
 
     def read(self, size: int, /) -> bytes:
         while True:
@@ -130,20 +167,30 @@ class ResumableStream:
             if body is None:
                 return b""
             try:
-                data = body.read(min(size, self.length - self.offset))
+                skip = self._skip
+                data = body.read(min(skip, SKIP_SLICE) if skip else min(size, self.length - self.offset))
                 if not data:
                     raise SourceError("the request body ended early")
             except (OSError, ImporterError) as err:
                 if self._cancelled.is_set():
                     raise
                 with self._cond:
-                    if self._body is body:
+                    lost = self._body is body
+                    if lost:
                         self._detach(str(err))
+                if lost:
+                    self._commit()
                 continue
             with self._cond:
-                if self._body is body:  # else taken over meanwhile: the new request resends these bytes
-                    self.offset += len(data)
-                    return data
+                if self._body is not body:
+                    continue  # taken over meanwhile: the new request resends these bytes
+                if skip:
+                    self._skip -= len(data)  # taken already (the continuation started at the committed offset)
+                    continue
+                self.offset += len(data)
+            if self.durable is not None:
+                self.durable.commit_if_due(self.offset)
+            return data
 
     def _wait_for_body(self) -> BodyReader | None:
         with self._cond:
@@ -160,17 +207,21 @@ class ResumableStream:
                                       f"({self._reason}) and was not resumed within {self._hold:g} s")
                 self._cond.wait(min(left, WAIT_SLICE))
 
-    def _detach(self, why: str) -> None:
-        """Under the lock: no body carries the upload any more; its connection is closed so its reader returns."""
+    def _detach(self, why: str) -> bool:
+        """Under the lock: no body carries the upload any more; its connection is closed so its reader returns.
+
+        True when one did.
+        """
         body, lost = self._body, self._lost
         self._body, self._lost = None, None
         if body is None:
-            return
+            return False
         self._parked_at, self._reason = time.monotonic(), why
         if lost is not None:
             lost.set()
         with contextlib.suppress(OSError):
             body.sock.shutdown(socket.SHUT_RDWR)
+        return True
 
 
 def wait_for_answer(done: threading.Event, lost: threading.Event | None) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from importer.deadline import Deadlines, add_deadline_flags
 from importer.errors import ConfigError
 from importer.serve.resume import DEFAULT_HOLD
+from importer.serve.resume_state import RecordStore
 from importer.serve.upload_server import UploadServerConfig
 from importer.target import DISK_IMAGE_NAME, Target, open_target
 from importer.units import parse_quantity
@@ -23,6 +24,7 @@ CDI_BLOCK_DEVICE = Path("/dev/cdi-block-volume")
 CDI_SCRATCH_DIR = Path("/scratch")
 # Any of these in the environment, and no arguments: started as CDI's upload server pod.
 CDI_UPLOAD_ENV = ("UPLOAD_IMAGE_SIZE", "TLS_CERT_FILE", "CLIENT_CERT_FILE")
+RECORD_NAME = ".hpp-upload-resume.json"  # a resumable upload's record (importer/serve/resume_state.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +96,15 @@ def target_opener(dest: Path) -> Callable[[], Target]:
     return lambda: open_target(dest.parent)
 
 
+def resume_store_for(dest: Path, scratch: Path | None) -> RecordStore | None:
+    """Where the upload's resume record lives: the scratch folder (the server's own), else beside disk.img in the
+    destination directory; a block device without scratch keeps none (an upload there resumes only in memory)."""
+    if scratch is not None:
+        return RecordStore(scratch, RECORD_NAME)
+    directory = dest if dest.is_dir() else dest.parent if dest.name == DISK_IMAGE_NAME else None
+    return RecordStore(directory, RECORD_NAME) if directory is not None else None
+
+
 def config_from(args: argparse.Namespace, env: Mapping[str, str], deadlines: Deadlines, overhead: float,
                 preallocation: bool) -> UploadServerConfig:
     """Flags first, then CDI's variables, then CDI's defaults."""
@@ -128,6 +139,7 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str], deadlines: Dea
         deadline=parse_deadline(deadline_text) if deadline_text else None,
         deadlines=deadlines,
         resume_hold=args.resume_hold,
+        resume_store=resume_store_for(dest, scratch),
     )
 
 

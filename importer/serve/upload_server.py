@@ -38,6 +38,18 @@ from importer.serve.resume import (
     upload_id_of,
     wait_for_answer,
 )
+from importer.serve.resume_state import (
+    RAW,
+    Destination,
+    DurableUpload,
+    RecordRefused,
+    RecordStore,
+    ResumedReader,
+    ResumeRecord,
+    clean,
+    open_prefix,
+    restore,
+)
 from importer.serve.tls import common_names, server_context
 from importer.sources.upload import UploadSource
 from importer.target import Target
@@ -77,6 +89,7 @@ class UploadServerConfig:
     deadlines: Deadlines = field(default_factory=Deadlines)
     progress: Progress | None = None
     resume_hold: float = DEFAULT_HOLD  # how long a broken resumable upload waits for its continuation
+    resume_store: RecordStore | None = None  # where the resume record lives; None: no resume after a restart
 
 
 class State(Enum):
@@ -190,21 +203,93 @@ class UploadSlot:
             stream = self.resumable
             return stream if stream is not None and stream.upload_id == upload_id else None
 
-    def start_job(self, stream: Reader, size: int | None, checksum: str | None = None) -> UploadJob:
+    def destination(self) -> Destination | None:
+        """Where this slot's resume record lives; None when uploads do not survive a restart here."""
+        store = self.config.resume_store
+        return Destination(store, self.config.scratch_dir) if store is not None else None
+
+    def restorable(self, upload_id: str, length: int | None) -> ResumeRecord | None:
+        """The record of upload_id left by an earlier process, when its prefix can go on; else None, and what a
+        refused record named is cleaned. Only while idle: the caller has admitted the request."""
+        destination = self.destination()
+        if destination is None:
+            return None
+        target = self.config.open_target()
+        try:
+            return restore(destination, target, upload_id, length)
+        except RecordRefused as err:
+            log.warning("upload %s cannot resume after the restart: %s; cleaning what it left", upload_id, err)
+            clean(destination, self.config.open_target())
+            return None
+        finally:
+            target.release()
+
+    def has_record(self) -> bool:
+        """Whether a resume record (of any upload, readable or not) is at this destination."""
+        destination = self.destination()
+        try:
+            return destination is not None and destination.store.read_bytes() is not None
+        except RecordRefused:
+            return True  # something is at its name: only a process of ours writes there
+        except OSError:
+            return False
+
+    def sweep(self) -> None:
+        """At start: what a killed process left of an upload that cannot resume (a decoded stream, a record that
+        cannot be read) is cleaned now; a resumable one waits for its continuation or the next upload."""
+        destination = self.destination()
+        if destination is None:
+            return
+        try:
+            record = destination.store.read()
+            if record is None or record.resumable:
+                return
+        except RecordRefused as err:
+            log.warning("resume record %s refused: %s", destination.store.name, err)
+        except OSError as err:
+            log.warning("cannot read resume record %s: %s", destination.store.name, err)
+            return
+        clean(destination, self.config.open_target())
+
+    def start_job(self, stream: Reader, size: int | None, checksum: str | None = None,
+                  restored: ResumeRecord | None = None) -> UploadJob:
+        """The import of one upload; restored: it continues the committed prefix an earlier process left."""
         cfg = self.config
         wake = threading.Event()
-        source = UploadSource(stream, size, received=wake)
+        target: Target | None = None
         try:
+            destination = self.destination()
+            if destination is not None and restored is None:
+                clean(destination, cfg.open_target())  # a new upload replaces whatever a killed one left
             try:
                 expected = Checksum(checksum) if checksum is not None else None
             except ConfigError as err:
                 raise BadRequest(str(err)) from err
+            durable = None
+            target = cfg.open_target()
+            if isinstance(stream, ResumableStream) and destination is not None:
+                durable = stream.durable = DurableUpload(destination.store, stream.upload_id, stream.length,
+                                                         checksum, restored)
+            reader: Reader = stream
+            if restored is not None and destination is not None and durable is not None:
+                if restored.route == RAW and restored.work:
+                    target.adopt(restored.work)
+                reader = durable.prefix = ResumedReader(open_prefix(destination, target, restored), restored.offset,
+                                                        stream)
             request = ImportRequest(
-                source=source, target=cfg.open_target(), image_size=cfg.image_size,
+                source=UploadSource(reader, size, received=wake), target=target, image_size=cfg.image_size,
                 filesystem_overhead=cfg.filesystem_overhead, preallocation=cfg.preallocation,
                 scratch_dir=cfg.scratch_dir, progress=cfg.progress or Progress(), checksum=expected,
+                durable=durable,
             )
         except BaseException:
+            if isinstance(stream, ResumableStream):
+                stream.close()
+            if restored is not None and destination is not None:
+                with contextlib.suppress(Exception):
+                    clean(destination, cfg.open_target())
+            if target is not None:
+                target.release()
             self.release()
             raise
         job = UploadJob(request, wake, self._job_ended)
@@ -307,6 +392,7 @@ class UploadServer(UploadSlot):
             self.close()
 
     def start(self) -> None:
+        self.sweep()
         for httpd in (self._upload_httpd, self._healthz_httpd):
             thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,), name="http", daemon=True)
             thread.start()
@@ -463,11 +549,20 @@ class UploadHandler(BaseHTTPRequestHandler):
             self._answer(400, f"{ID_HEADER} must be 8 to 128 characters of A-Z a-z 0-9 . _ -")
             return
         stream = self.app.resumable_for(upload_id)
-        if stream is None:
+        if stream is not None:
+            offset = stream.take_over()
+            self._answer(200, "", {OFFSET_HEADER: str(offset), LENGTH_HEADER: str(stream.length)})
+            return
+        record = None
+        if self.app.admit() is None:  # idle: nothing else may start while the record is read (or cleaned)
+            try:
+                record = self.app.restorable(upload_id, None)
+            finally:
+                self.app.release()
+        if record is None:
             self._answer(404, f"no interrupted upload {upload_id}")
             return
-        offset = stream.take_over()
-        self._answer(200, "", {OFFSET_HEADER: str(offset), LENGTH_HEADER: str(stream.length)})
+        self._answer(200, "", {OFFSET_HEADER: str(record.offset), LENGTH_HEADER: str(record.length)})
 
     def _continue(self, resume: ResumeRequest, async_answer: bool) -> None:
         """A request carrying the rest of a resumable upload from resume.offset."""
@@ -506,13 +601,13 @@ class UploadHandler(BaseHTTPRequestHandler):
         if refusal is None and resume is not None and self.app.resumable_for(resume.upload_id) is not None:
             self._continue(resume, self._route() in ASYNC_PATHS)
             return
-        if refusal is None and resume is not None and resume.offset != 0:
-            self._answer(409, f"no interrupted upload {resume.upload_id}; start again from byte 0",
-                         {OFFSET_HEADER: "0"})
-            self._drain_quietly()
-            return
         if refusal is None:
             refusal = self.app.admit()
+        restored = None
+        if refusal is None and resume is not None and resume.offset != 0:
+            restored = self._restored(resume)
+            if restored is None:
+                return
         if refusal is not None:
             self._answer(*refusal)
             self._drain_quietly()
@@ -528,11 +623,13 @@ class UploadHandler(BaseHTTPRequestHandler):
             if path in FORM_PATHS | FORM_ASYNC_PATHS:
                 stream, size = FormFileReader(body, boundary_of(self.headers.get("Content-Type", ""))), None
             elif resume is not None:
+                start = restored.offset if restored is not None else 0
                 stream = ResumableStream(resume.upload_id, resume.length, self.app.config.resume_hold,
-                                         self.app.cancelled)
-                lost = stream.attach(body, 0)
-                size, checksum = resume.length, resume.checksum
-            job = self.app.start_job(stream, size, checksum)
+                                         self.app.cancelled, start)
+                lost = stream.attach(body, start)
+                size = resume.length
+                checksum = restored.checksum if restored is not None else resume.checksum
+            job = self.app.start_job(stream, size, checksum, restored)
         except BadRequest as err:
             self.app.release()
             self._answer(400, f"Saving stream failed: {err}")
@@ -542,6 +639,32 @@ class UploadHandler(BaseHTTPRequestHandler):
             self._answer(500, f"Saving stream failed: {err}")
             return
         self._finish(job, body, async_answer, lost)
+
+    def _restored(self, resume: ResumeRequest) -> ResumeRecord | None:
+        """Admitted, a continuation that no process here holds: the prefix an earlier process committed, when
+        this request continues it; else answered 409 with where to continue (0: start again) and None."""
+        try:
+            record = self.app.restorable(resume.upload_id, resume.length)
+            expected = record.offset if record is not None else 0
+            destination = self.app.destination()
+            if record is not None and destination is not None and resume.checksum not in (None, record.checksum):
+                log.warning("upload %s continues with another checksum than it started with; starting again",
+                            resume.upload_id)
+                clean(destination, self.app.config.open_target())
+                record, expected = None, 0
+        except (ImporterError, OSError) as err:
+            log.warning("upload %s cannot resume: %s", resume.upload_id, _message(err))
+            record, expected = None, 0
+        if record is not None and record.offset == resume.offset:
+            log.info("upload %s resumed after a restart at byte %d of %d", resume.upload_id, record.offset,
+                     record.length)
+            return record
+        self.app.release()
+        self._answer(409, f"upload {resume.upload_id} continues at byte {expected}, not {resume.offset}"
+                     if record is not None else f"no interrupted upload {resume.upload_id}; start again from byte 0",
+                     {OFFSET_HEADER: str(expected)})
+        self._drain_quietly()
+        return None
 
     def _finish(self, job: UploadJob, body: BodyReader, async_answer: bool, lost: threading.Event | None) -> None:
         """Wait for the import (or, async, for the image's last byte), settle the slot and answer."""

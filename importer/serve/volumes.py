@@ -20,7 +20,10 @@ from hpp_csi.linux.safe_open import UnsafePath, open_beneath, open_dir, opened
 from hpp_csi.storage.block_publish import open_image
 from hpp_csi.storage.pools import StoragePool
 from hpp_csi.storage.publications import Publications
+from importer.serve.resume_state import RecordStore
 from importer.target import DISK_IMAGE_NAME, BlockTarget, FileTarget, Target
+
+UPLOADS_DIR = "uploads"  # beside the driver's records in <pool>/.hpp-csi/: one resume record per volume
 
 
 class VolumeBusy(Exception):
@@ -109,11 +112,17 @@ def has_data(fd: int) -> bool:
         raise
 
 
-def check_free(volume: NodeVolume) -> None:
-    """VolumeBusy when the volume is published to a pod or already holds a disk."""
+def check_free(volume: NodeVolume, partial_upload: bool = False) -> None:
+    """VolumeBusy when the volume is published to a pod or already holds a disk.
+
+    partial_upload: a resume record says an upload of ours was under way; a block volume's data is its bytes.
+    """
     if Publications().of_volume(volume.path, volume.mode):
         raise VolumeBusy(f"volume {volume.volume_id!r} is published to a pod; upload before it is in use")
     if volume.is_block:
+        if partial_upload:
+            with opened(open_volume_image(volume)):
+                return  # still checked: no symlink, FIFO or hard link in its place
         with opened(open_volume_image(volume)) as fd:
             if has_data(fd):
                 raise VolumeBusy(f"volume {volume.volume_id!r} already holds data")
@@ -142,6 +151,9 @@ class _HeldByDescriptor(Target):
             super().abort()
         finally:
             self._close()
+
+    def release(self) -> None:
+        self._close()
 
     def _close(self) -> None:
         if self._fd >= 0:
@@ -182,6 +194,19 @@ def open_volume_target(volume: NodeVolume) -> Target:
     if volume.is_block:
         return VolumeImageTarget(open_volume_image(volume))
     return VolumeDirTarget(open_volume_dir(volume))
+
+
+def resume_store_for(volume: NodeVolume) -> RecordStore | None:
+    """The volume's resume record, in the pool's driver-owned folder (never inside the volume); None when that
+    folder cannot be made (the driver has not prepared the pool)."""
+    directory = volume.pool.store.root / UPLOADS_DIR
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return RecordStore(directory, f"{volume.volume_id}.json")
 
 
 def scratch_dir_for(volume: NodeVolume, configured: Path | None) -> Path:
