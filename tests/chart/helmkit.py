@@ -18,6 +18,7 @@ RELEASE, NAMESPACE = "hpp", "hpp-system"
 # The oldest and newest Kubernetes the chart supports (kubernetes-validate 1.37 ships schemas 1.25 to 1.37).
 K8S_VERSIONS = ("1.30", "1.37")
 HELM_TIMEOUT = 60
+DRIVER, UPLOAD_DAEMON = "hpp-csi", "hpp-csi-upload"  # the chart's two DaemonSets
 
 
 class HelmFailed(AssertionError):
@@ -68,12 +69,11 @@ class Rendered:
         assert len(found) == 1, f"{len(found)} {kind} objects named {name}"
         return found[0]
 
-    def containers(self) -> dict[str, dict[str, Any]]:
-        pod = self.one("DaemonSet")["spec"]["template"]["spec"]
-        return {c["name"]: c for c in pod["containers"]}
+    def containers(self, daemonset: str = DRIVER) -> dict[str, dict[str, Any]]:
+        return {c["name"]: c for c in self.pod(daemonset)["containers"]}
 
-    def pod(self) -> dict[str, Any]:
-        spec: dict[str, Any] = self.one("DaemonSet")["spec"]["template"]["spec"]
+    def pod(self, daemonset: str = DRIVER) -> dict[str, Any]:
+        spec: dict[str, Any] = self.one("DaemonSet", daemonset)["spec"]["template"]["spec"]
         return spec
 
 

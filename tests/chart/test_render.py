@@ -47,6 +47,10 @@ EVERYTHING: dict[str, Any] = {
                 "service": {"create": True}, "serviceMonitor": {"create": True, "labels": {"release": "prom"}}},
     "snapshots": {"controllerDistributed": True, "class": {"name": "hpp-snaps", "deletionPolicy": "Retain"},
                   "controllerRBAC": {"serviceAccountName": "snapshot-ctrl", "namespace": "snapshots"}},
+    "uploadDaemon": {"enabled": True, "image": {"repository": f"{LOCAL}/hpp-csi/importer", "tag": "test"},
+                     "tls": {"secretName": "upload-tls"}},
+    "cdi": {"importerImage": f"{LOCAL}/hpp-csi/importer:test",
+            "uploadServerImage": f"{LOCAL}/hpp-csi/uploadserver:test"},
 }
 MINIMAL: dict[str, Any] = {"snapshots": {"enabled": False}, "metrics": {"enabled": False}, "hostRootCheck": False}
 CASES = {"defaults": DEFAULTS, "everything": EVERYTHING, "minimal": MINIMAL}
@@ -165,7 +169,7 @@ def test_overrides_reach_the_pod(rendered: dict[str, Rendered]) -> None:
 
 def test_default_image_is_the_charts_app_version(rendered: dict[str, Rendered]) -> None:
     containers = rendered["defaults"].containers()
-    assert containers["hpp-csi"]["image"] == "quay.io/hpp-csi/hpp-csi:0.1.0"
+    assert containers["hpp-csi"]["image"] == "hpp-csi/driver:0.1.0"  # the Dockerfile's driver target
     assert "nodeSelector" not in rendered["defaults"].pod() and "tolerations" not in rendered["defaults"].pod()
 
 
@@ -224,7 +228,7 @@ def test_metrics_over_tls_with_service_and_monitor(rendered: dict[str, Rendered]
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8443, "targetPort": "metrics"}]
     selector = service["spec"]["selector"]
-    assert selector.items() <= chart.one("DaemonSet")["spec"]["template"]["metadata"]["labels"].items()
+    assert selector.items() <= chart.one("DaemonSet", "hpp-csi")["spec"]["template"]["metadata"]["labels"].items()
     monitor = chart.one("ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
@@ -241,7 +245,7 @@ def test_metrics_off(rendered: dict[str, Rendered]) -> None:
 def test_a_new_pool_list_restarts_the_driver() -> None:
     """The driver reads its pools at start: the pod template carries the ConfigMap's checksum."""
     def checksum(values: dict[str, Any]) -> str:
-        annotations = render(values).one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+        annotations = render(values).one("DaemonSet", "hpp-csi")["spec"]["template"]["metadata"]["annotations"]
         return str(annotations["checksum/pools"])
     more = {**DEFAULTS, "storagePools": [{"name": "legacy", "path": "/var/hpvolumes"}, {"name": "b", "path": "/b"}]}
     assert checksum(DEFAULTS) == checksum(dict(DEFAULTS)) != checksum(more)

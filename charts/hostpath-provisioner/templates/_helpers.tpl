@@ -15,6 +15,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* The upload daemon's pods: labels of their own, so neither the driver's DaemonSet nor its metrics Service
+selects them. */}}
+{{- define "hpp.uploadSelector" -}}
+app.kubernetes.io/name: hpp-csi-upload-daemon
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "hpp.uploadImage" -}}
+{{- $image := .Values.uploadDaemon.image -}}
+{{ $image.repository }}:{{ $image.tag | default .Chart.AppVersion }}
+{{- end }}
+
 {{/* Kubernetes names made from a pool's name: a StorageClass and a pod volume. */}}
 {{- define "hpp.poolVolume" -}}pool-{{ .name }}{{- end }}
 
@@ -77,5 +89,71 @@ Either
 {{- end }}
 {{- if and (or .Values.metrics.service.create .Values.metrics.tls.enabled) (not .Values.metrics.enabled) }}
 {{- fail "metrics.service.create and metrics.tls.enabled need metrics.enabled=true" }}
+{{- end }}
+{{- if .Values.uploadDaemon.enabled }}
+{{- include "hpp.validateUploadDaemon" . }}
+{{- end }}
+{{- include "hpp.validateCdi" . }}
+{{- end }}
+
+{{/* The upload daemon's values, checked with the grammar the daemon itself applies at start, so a typo fails the
+install instead of crash-looping a pod on every node. */}}
+{{- define "hpp.validateUploadDaemon" -}}
+{{- $d := .Values.uploadDaemon }}
+{{- range $key := list "port" "healthzPort" }}
+{{- $port := get $d $key | toString }}
+{{- if or (not (regexMatch "^[0-9]{1,5}$" $port)) (lt (atoi $port) 1) (gt (atoi $port) 65535) }}
+{{- fail (printf "uploadDaemon.%s %q: give a TCP port, 1 to 65535" $key $port) }}
+{{- end }}
+{{- end }}
+{{- if eq (toString $d.port) (toString $d.healthzPort) }}
+{{- fail (printf "uploadDaemon.port and uploadDaemon.healthzPort are both %v: the daemon listens on both" $d.port) }}
+{{- end }}
+{{- $state := required "uploadDaemon.stateDir is required (the node folder for the token signing key)" $d.stateDir | toString }}
+{{- if not (isAbs $state) }}
+{{- fail (printf "uploadDaemon.stateDir %q must be absolute" $state) }}
+{{- end }}
+{{- range .Values.storagePools }}
+{{- $pool := clean (toString .path) }}
+{{- if or (eq (clean $state) $pool) (hasPrefix (printf "%s/" (trimSuffix "/" $pool)) (clean $state)) }}
+{{- fail (printf "uploadDaemon.stateDir %q is inside pool %q (%s): keep the token signing key out of volume storage" $state (toString .name) $pool) }}
+{{- end }}
+{{- end }}
+{{- if and $d.listenAddress (not (regexMatch "^[0-9A-Za-z.:-]+$" (toString $d.listenAddress))) }}
+{{- fail (printf "uploadDaemon.listenAddress %q: give an IP address or host name without brackets or port (empty: the node's IP)" (toString $d.listenAddress)) }}
+{{- end }}
+{{- if and $d.tls.secretName (not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" (toString $d.tls.secretName))) }}
+{{- fail (printf "uploadDaemon.tls.secretName %q is not a Secret name" (toString $d.tls.secretName)) }}
+{{- end }}
+{{- $number := "^[0-9]+(\\.[0-9]+)?$" }}
+{{- if and (ne (toString $d.filesystemOverhead) "") (not (regexMatch "^0(\\.[0-9]+)?$" (toString $d.filesystemOverhead))) }}
+{{- fail (printf "uploadDaemon.filesystemOverhead %q: a fraction at least 0 and below 1, such as 0.055" (toString $d.filesystemOverhead)) }}
+{{- end }}
+{{- range $key := list "stallTimeout" "resumeHold" }}
+{{- $v := get $d $key | toString }}
+{{- if and (ne $v "") (not (regexMatch $number $v)) }}
+{{- fail (printf "uploadDaemon.%s %q: a number of seconds, such as 60 (0 disables)" $key $v) }}
+{{- end }}
+{{- end }}
+{{- $window := toString $d.minRateWindow }}
+{{- if and (ne $window "") (or (not (regexMatch $number $window)) (not (regexMatch "[1-9]" $window))) }}
+{{- fail (printf "uploadDaemon.minRateWindow %q: a positive number of seconds, such as 30" $window) }}
+{{- end }}
+{{- $rate := toString $d.minRate }}
+{{- if and (ne $rate "") (not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$" $rate)) }}
+{{- fail (printf "uploadDaemon.minRate %q: bytes per second as a Kubernetes quantity, such as 1Mi (0 disables)" $rate) }}
+{{- end }}
+{{- end }}
+
+{{/* CDI's image values end up in a shell command in NOTES.txt: only image-reference characters pass. */}}
+{{- define "hpp.validateCdi" -}}
+{{- range $key := list "importerImage" "uploadServerImage" }}
+{{- $ref := get $.Values.cdi $key | toString }}
+{{- if and $ref (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$" $ref)) }}
+{{- fail (printf "cdi.%s %q is not an image reference (registry/name:tag or name@sha256:digest)" $key $ref) }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" (toString .Values.cdi.namespace)) }}
+{{- fail (printf "cdi.namespace %q is not a namespace name" (toString .Values.cdi.namespace)) }}
 {{- end }}
 {{- end }}
