@@ -37,6 +37,9 @@ QEMU = "qemu-system-x86_64"
 # What the guest needs: virtio-pci + 9p to reach the host's files, xfs and loop for the tests.
 # crc32c is a soft dependency of libcrc32c (a crypto lookup at runtime, absent from modules.dep).
 WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "crc32c_generic", "xfs", "loop")
+# What a guest that takes our volumes as disks adds (tests/vm): the virtio-scsi controller, SCSI disks, and ext4
+# for the filesystems it makes on them.
+DISK_MODULES = (*WANTED_MODULES, "virtio_scsi", "sd_mod", "ext4")
 # The feature the quota tests exist for; a kernel without it is no use to them.
 REQUIRED_CONFIG = "CONFIG_XFS_QUOTA=y"
 # Debian has shipped modules plain (bookworm) and xz-compressed (trixie); busybox insmod wants them plain.
@@ -245,8 +248,8 @@ def cpio_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
     return b"".join(out)
 
 
-def build_initramfs(kernel: Kernel, busybox: Path = BUSYBOX) -> bytes:
-    """The base initramfs (init, busybox, the kernel's modules, decompressed), built afresh for every boot.
+def build_initramfs(kernel: Kernel, busybox: Path = BUSYBOX, modules: tuple[str, ...] = WANTED_MODULES) -> bytes:
+    """The base initramfs (init, busybox, `modules` decompressed), built afresh for every boot.
 
     No cache: it takes tens of milliseconds, and a cache would need a key that notices every module and busybox
     update.
@@ -255,7 +258,7 @@ def build_initramfs(kernel: Kernel, busybox: Path = BUSYBOX) -> bytes:
         raise VMUnavailable(f"{busybox} missing: install busybox-static")
     dep = (kernel.moddir / "modules.dep").read_text()
     try:
-        order = module_order(WANTED_MODULES, dep, frozenset(builtin_modules(kernel.moddir)))
+        order = module_order(modules, dep, frozenset(builtin_modules(kernel.moddir)))
     except VMUnavailable as exc:
         raise VMUnavailable(f"{kernel.moddir}: {exc}") from None
     names = [module_name(path) + ".ko" for path in order]
@@ -291,28 +294,39 @@ def kept_paths() -> str:
     return "".join(f"{p}\n" for p in sorted(wanted) if p.startswith(("/tmp/", "/run/")))
 
 
-def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, share: str = "/") -> VMResult:
-    """Boot the guest, run `script` with /bin/sh chrooted into the host's `share` (read-only), power off."""
+def write_initrd(path: Path, script: str, modules: tuple[str, ...] = WANTED_MODULES) -> Kernel:
+    """Write the initramfs that runs `script` to `path`; the kernel it is for is returned (it must boot that one)."""
     kernel = guest_kernel()
     if shutil.which(QEMU) is None:
         raise VMUnavailable(f"{QEMU} not found: install qemu-system-x86")
-    base = build_initramfs(kernel)
+    base = build_initramfs(kernel, modules=modules)
+    # The kernel unpacks concatenated archives in order: the per-run script rides on the base.
+    extra = {"script.sh": (0o100755, script.encode()), "keep.list": (0o100644, kept_paths().encode())}
+    path.write_bytes(base + cpio_archive(extra))
+    return kernel
+
+
+def guest_command(kernel: Kernel, initrd: Path, serial: str, memory_mib: int = 1024, share: str = "/") -> list[str]:
+    """The qemu command line of a guest whose console is the chardev/backend `serial` (e.g. `file:<path>`)."""
+    # multidevs=remap: the host's /proc and /sys both have inode 1 on different devices; without the
+    # remap the guest sees one directory for both and mounts over one hide the other.
+    return [
+        QEMU, "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-no-reboot",
+        "-display", "none", "-monitor", "none", "-serial", serial,
+        "-kernel", str(kernel.image), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
+        "-fsdev", f"local,id=hostroot,path={share},security_model=passthrough,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+    ]  # fmt: skip
+
+
+def run_script(script: str, timeout: float = 120.0, memory_mib: int = 1024, share: str = "/") -> VMResult:
+    """Boot the guest, run `script` with /bin/sh chrooted into the host's `share` (read-only), power off."""
     with tempfile.TemporaryDirectory(prefix="vmkit-") as tmp:
         initrd = Path(tmp) / "initrd.cpio"
-        # The kernel unpacks concatenated archives in order: the per-run script rides on the base.
-        extra = {"script.sh": (0o100755, script.encode()), "keep.list": (0o100644, kept_paths().encode())}
-        initrd.write_bytes(base + cpio_archive(extra))
+        kernel = write_initrd(initrd, script)
         console = Path(tmp) / "console.log"
-        command = [
-            QEMU, "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-no-reboot",
-            "-display", "none", "-monitor", "none", "-serial", f"file:{console}",
-            "-kernel", str(kernel.image), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
-            "-fsdev", f"local,id=hostroot,path={share},security_model=passthrough,readonly=on,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        ]  # fmt: skip
-        # multidevs=remap: the host's /proc and /sys both have inode 1 on different devices; without the
-        # remap the guest sees one directory for both and mounts over one hide the other.
+        command = guest_command(kernel, initrd, f"file:{console}", memory_mib, share)
         started = time.monotonic()
         try:
             proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
