@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import queue
 import re
 import secrets
 import socket
 import ssl
 import stat
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +30,10 @@ from importer.units import parse_duration as parse_duration  # its home before i
 
 API_PREFIX = "/v1beta1"
 USER_AGENT = "hpp-importer"
-CHUNK = 64 * KiB  # one send: small enough that the stall timeout measures progress, not a whole buffer
+BLOCK = MiB  # one read of the image, by the reader thread
+FIRST_SEND = 64 * KiB  # one send at first; it grows to BLOCK while sends finish well within the stall timeout
+MIN_SEND = 16 * KiB  # one TLS record
+PREFETCH = 4  # blocks read ahead of the socket
 ANSWER_LIMIT = 64 * KiB  # an error text longer than this is not a message, it is noise
 MESSAGE_LIMIT = 300  # characters of the server's text kept in our one-line error
 DEFAULT_WAIT_READY = 60.0
@@ -41,7 +46,6 @@ FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 2.0
 DEFAULT_RETRIES = 5  # resumptions after a broken connection
 ID_SAMPLE = MiB  # the upload id covers the image's size, mtime and first and last MiB
-HASH_CHUNK = 4 * MiB
 # The resume protocol (docs/upload.md); the server's names live in importer.serve.resume.
 ID_HEADER, LENGTH_HEADER, OFFSET_HEADER, CHECKSUM_HEADER = "Upload-Id", "Upload-Length", "Upload-Offset", \
     "Upload-Checksum"
@@ -160,12 +164,15 @@ class ImageFile:
             raise ConfigError(f"the image {path} is not a regular file or block device (its size must be known)")
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
 
-    def read(self, offset: int, count: int) -> bytes:
-        data = os.pread(self.fd, count, offset)
-        if len(data) < count:
-            raise UploadError(f"the image {self.path} shrank while uploading: {offset + len(data)} bytes readable, "
-                              f"{self.size} announced")
-        return data
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill view from offset (no allocation per block: the same buffers go round)."""
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                raise UploadError(f"the image {self.path} shrank while uploading: {offset + got} bytes readable, "
+                                  f"{self.size} announced")
+            got += n
 
     def upload_id(self) -> str:
         """Stable for one image: a client started again with the same file finds its interrupted upload."""
@@ -176,15 +183,65 @@ class ImageFile:
 
     def sha256(self) -> str:
         """The whole image's digest, checked by the server over all the bytes it took, across connections."""
-        digest, offset = hashlib.sha256(), 0
-        while offset < self.size:
-            data = self.read(offset, min(HASH_CHUNK, self.size - offset))
-            digest.update(data)
-            offset += len(data)
+        digest = hashlib.sha256()
+        blocks = Prefetcher(self, 0)  # reading the next block overlaps hashing this one
+        try:
+            for block in blocks.blocks():
+                digest.update(block)  # hashlib lets go of the GIL on large buffers
+        finally:
+            blocks.close()
         return digest.hexdigest()
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def next_send_size(size: int, seconds: float, stall: float) -> int:
+    """The next send's size: one send must finish within the stall timeout (it is one deadline for the whole
+    send), so sends grow to BLOCK while they take under 1/8 of it and shrink when one takes over 1/4."""
+    if stall <= 0 or seconds < stall / 8:
+        return min(size * 2, BLOCK)
+    if seconds > stall / 4:
+        return max(size // 2, MIN_SEND)
+    return size
+
+
+class Prefetcher:
+    """Reads the image from offset on in a thread, BLOCK at a time into a few reused buffers, so reading the
+    file overlaps encrypting and sending; the sending thread takes blocks in order and hands each buffer back."""
+
+    def __init__(self, image: ImageFile, offset: int) -> None:
+        self._image = image
+        self._full: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
+        self._free: queue.Queue[memoryview | None] = queue.Queue()
+        for _ in range(PREFETCH):
+            self._free.put(memoryview(bytearray(BLOCK)))
+        self._thread = threading.Thread(target=self._run, args=(offset,), name="image-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, offset: int) -> None:
+        try:
+            while offset < self._image.size and (buf := self._free.get()) is not None:
+                count = min(BLOCK, self._image.size - offset)
+                self._image.read_into(offset, buf[:count])
+                self._full.put((buf, count))
+                offset += count
+            self._full.put(None)
+        except BaseException as err:  # handed to the sending thread
+            self._full.put(err)
+
+    def blocks(self) -> Iterator[memoryview]:
+        """The image's blocks in order; a block's buffer is reused once the next block is asked for."""
+        while (item := self._full.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            buf, count = item
+            yield buf[:count]
+            self._free.put(buf)
+
+    def close(self) -> None:
+        self._free.put(None)
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -402,14 +459,19 @@ class Uploader:
         image, sent = body.image, offset
         if self.progress is not None:
             self.progress.restart(body.length, offset)
+        prefetch = Prefetcher(image, offset)
         try:
             sock.sendall(body.prefix)
-            while sent < image.size:
-                data = image.read(sent, min(CHUNK, image.size - sent))
-                sock.sendall(data)
-                sent += len(data)
-                if self.progress is not None:
-                    self.progress.update(len(body.prefix) + sent)
+            step = FIRST_SEND
+            for block in prefetch.blocks():
+                while block:
+                    piece, block = block[:step], block[step:]
+                    began = time.monotonic()
+                    sock.sendall(piece)
+                    step = next_send_size(step, time.monotonic() - began, stall)
+                    sent += len(piece)
+                    if self.progress is not None:
+                        self.progress.update(len(body.prefix) + sent)
             sock.sendall(body.suffix)
             if self.progress is not None:
                 self.progress.update(body.length)
@@ -424,6 +486,7 @@ class Uploader:
             raise _Broken(f"the connection to {self.host}:{self.port} broke after {sent} of {image.size} "
                           f"bytes: {err.strerror or err}") from err
         finally:
+            prefetch.close()
             if self.progress is not None:
                 self.progress.finish()
         if not self.request.asynchronous:

@@ -24,7 +24,18 @@ from uploadkit import UploadServerProcess, make_certs, open_upload
 
 from importer.errors import ConfigError
 from importer.progress_bar import bar_line, format_eta, plain_line
-from importer.upload_client import endpoint_path, parse_duration, read_token
+from importer.upload_client import (
+    BLOCK,
+    FIRST_SEND,
+    MIN_SEND,
+    ImageFile,
+    Prefetcher,
+    UploadError,
+    endpoint_path,
+    next_send_size,
+    parse_duration,
+    read_token,
+)
 
 HPP_IMPORTER = str(Path(sys.executable).with_name("hpp-importer"))
 TOKEN = "tok.en-123"
@@ -373,9 +384,11 @@ def test_stall_deadline(make_server: MakeServer, big_image: Path, ca: tuple[trus
     big = big_image
     srv = make_server(Behaviour(stall_after=256 * 1024), rcvbuf=64 * 1024)
     begin = time.monotonic()
-    done = upload("--url", srv.url, "--token", TOKEN, "--image-path", str(big), "--stall-timeout", "1", ca=ca[1])
+    done = upload("--url", srv.url, "--token", TOKEN, "--image-path", str(big), "--stall-timeout", "1",
+                  "--retries", "1", ca=ca[1])
     assert done.returncode == 1
-    assert time.monotonic() - begin < 8
+    assert time.monotonic() - begin < 5  # two attempts of about 1 s each (this server does not resume)
+    assert done.stderr.count("stall timeout") == 2, done.stderr
     line = one_error_line(done)
     assert "the server accepted no data for 1 s after" in line and f"of {16 * MiB} bytes" in line
     assert line.endswith("stall timeout (--stall-timeout)")
@@ -461,6 +474,48 @@ def test_progress_formatting() -> None:
 
 
 # -- plain functions ---------------------------------------------------------------------------------------------
+
+
+def test_send_size_grows_while_sends_are_quick_and_shrinks_near_the_stall_timeout() -> None:
+    assert next_send_size(FIRST_SEND, 0.001, 60) == 2 * FIRST_SEND
+    assert next_send_size(BLOCK, 0.001, 60) == BLOCK  # never past one block
+    assert next_send_size(BLOCK, 20, 60) == BLOCK // 2  # over a quarter of the stall timeout
+    assert next_send_size(MIN_SEND, 20, 60) == MIN_SEND
+    assert next_send_size(FIRST_SEND, 10, 60) == FIRST_SEND  # between an eighth and a quarter: kept
+    assert next_send_size(FIRST_SEND, 100, 0) == 2 * FIRST_SEND  # no stall timeout: no reason to stay small
+
+
+def test_prefetcher_reads_the_image_in_order_from_an_offset(image: Path) -> None:
+    data = image.read_bytes()
+    opened = ImageFile(image)
+    try:
+        blocks = Prefetcher(opened, 5000)
+        try:
+            got = b"".join(bytes(block) for block in blocks.blocks())  # copies: buffers are reused
+        finally:
+            blocks.close()
+        assert got == data[5000:]
+        assert opened.sha256() == hashlib.sha256(data).hexdigest()
+    finally:
+        opened.close()
+
+
+def test_an_image_that_shrinks_while_read_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.raw"
+    path.write_bytes(b"x" * (3 * BLOCK))
+    opened = ImageFile(path)  # its size is taken now
+    try:
+        os.truncate(path, BLOCK + 10)
+        blocks = Prefetcher(opened, 0)
+        try:
+            with pytest.raises(UploadError, match=f"shrank while uploading: {BLOCK + 10} bytes readable, "
+                               f"{3 * BLOCK} announced"):
+                for _block in blocks.blocks():
+                    pass
+        finally:
+            blocks.close()
+    finally:
+        opened.close()
 
 
 def test_parse_duration() -> None:

@@ -16,7 +16,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import trustme
+REPO = str(Path(__file__).resolve().parents[2])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # bench/ is not installed; its certificate maker serves the tests too
+
+from bench.certs import make_server_certs  # noqa: E402
 
 HPP_IMPORTER = str(Path(sys.executable).with_name("hpp-importer"))
 PROXY_NAME = "cdi-uploadproxy"  # CDI's upload proxy is the one client the pod serves
@@ -33,16 +37,13 @@ class Certs:
 
 
 def make_certs(root: Path) -> Certs:
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(root / "ca.pem"))
-    server = ca.issue_cert("127.0.0.1")
-    server.private_key_pem.write_to_path(str(root / "server.key"))
-    server.cert_chain_pems[0].write_to_path(str(root / "server.pem"))
-    ca.issue_cert("proxy.test", common_name=PROXY_NAME).private_key_and_cert_chain_pem.write_to_path(
+    """The server's files as the benchmark makes them, plus two client certificates of the same CA."""
+    server = make_server_certs(root)
+    server.authority.issue_cert("proxy.test", common_name=PROXY_NAME).private_key_and_cert_chain_pem.write_to_path(
         str(root / "client.pem"))
-    ca.issue_cert("other.test", common_name="not-the-proxy").private_key_and_cert_chain_pem.write_to_path(
-        str(root / "wrong.pem"))
-    return Certs(root / "ca.pem", root / "server.pem", root / "server.key", root / "client.pem", root / "wrong.pem")
+    server.authority.issue_cert("other.test", common_name="not-the-proxy") \
+        .private_key_and_cert_chain_pem.write_to_path(str(root / "wrong.pem"))
+    return Certs(server.ca, server.cert, server.key, root / "client.pem", root / "wrong.pem")
 
 
 class UploadServerProcess:
