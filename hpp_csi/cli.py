@@ -79,7 +79,9 @@ def run_serve(opts: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # A timed wait: a signal delivered to a gRPC thread while this one sleeps untimed could go unnoticed.
+    while not stop.wait(0.5):
+        pass
     driver.stop(opts.grace)
     return 0
 

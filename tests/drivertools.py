@@ -178,6 +178,19 @@ def loops_under(root: str | Path) -> list[str]:
     return sorted(d for d, backing in loop_backing_files().items() if backing.startswith(prefix))
 
 
+# --- records on disk --------------------------------------------------------------------------------------
+RECORD_XATTR = "trusted.hpp-csi.record"
+
+
+def volume_record(pool: Path, volume_id: str) -> dict[str, Any]:
+    """A volume's record as an operator reads it: the attribute of an empty record file, or (records written
+    before that layout, or too large for an attribute) the file's content."""
+    path = pool / ".hpp-csi" / "volumes" / f"{volume_id}.json"
+    content = path.read_bytes()
+    record: dict[str, Any] = json.loads(content or os.getxattr(path, RECORD_XATTR))
+    return record
+
+
 # --- roots ------------------------------------------------------------------------------------------------
 def make_root(prefix: str = "hppcsi-") -> Path:
     # Short and outside pytest's retained basetemp: the socket path must stay under 108 bytes.

@@ -1,4 +1,9 @@
-"""Crash-safe small files: write a temporary file, fsync it, rename it over the name, fsync the folder."""
+"""Crash-safe small files: made under a temporary name, then renamed over the final one.
+
+`write_bytes` makes the file durable itself (two flushes: the data, then the folder). `write_xattr_file` puts
+the value in an extended attribute, which the filesystem's journal carries: nothing is flushed, and one later
+fsync of the folder makes the whole change durable (the caller's group commit).
+"""
 
 from __future__ import annotations
 
@@ -35,15 +40,34 @@ def write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def write_xattr_file(folder: str, name: str, attribute: str, value: bytes, mode: int = 0o600) -> None:
+    """After a crash `folder/name` is either what it was or an empty file carrying `value` in `attribute`; not
+    durable until `folder` is fsynced. Raises OSError (ENOTSUP, E2BIG, ENOSPC...) when the filesystem cannot
+    hold it. Plain strings, not Paths: this is on every CreateVolume's path."""
+    path = f"{folder}/{name}"
+    tmp = f"{folder}/.{name}.{os.getpid()}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.setxattr(fd, attribute, value)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # the temporary name never outlives a failed write (start-up removes a crash's)
+        raise
+
+
 def write_json(path: Path, value: Any) -> None:
     write_bytes(path, json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
 
 
-def remove(path: Path) -> bool:
-    """Unlink `path` durably; False when it was already gone."""
+def remove(path: str | os.PathLike[str], durable: bool = True) -> bool:
+    """Unlink `path` (durably unless the caller flushes the folder itself); False when it was already gone."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(os.path.dirname(path))
     return True

@@ -163,6 +163,16 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+_ESCAPED = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
+
+
+def escape(field: str) -> str:
+    """A path as mountinfo writes it (the inverse of _unescape)."""
+    if not any(c in field for c in _ESCAPED):
+        return field
+    return "".join(_ESCAPED.get(c, c) for c in field)
+
+
 def parse_mountinfo(text: str) -> list[MountEntry]:
     """Parse mountinfo text (see proc(5)); optional fields end at the lone '-'."""
     entries = []

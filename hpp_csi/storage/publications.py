@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from hpp_csi.linux import loop
-from hpp_csi.linux.mounts import MOUNTINFO, MountEntry, mount_sources, parse_mountinfo
+from hpp_csi.linux.mounts import MOUNTINFO, MountEntry, escape, mount_sources, parse_mountinfo
 
 
 class Publications:
@@ -15,9 +15,21 @@ class Publications:
 
     def __init__(self) -> None:
         self._text = MOUNTINFO.read_text()
-        self._by_source = mount_sources(self._text)
+        self._sources: dict[tuple[int, int, str], list[str]] | None = None
         self._table: list[MountEntry] | None = None
         self._fs_of_dir: dict[str, tuple[int, int, str]] = {}
+
+    @property
+    def _by_source(self) -> dict[tuple[int, int, str], list[str]]:
+        """(major, minor, root) -> mount points, built on first need: most questions end at `_named`."""
+        if self._sources is None:
+            self._sources = mount_sources(self._text)
+        return self._sources
+
+    def _named(self, name: str) -> bool:
+        """Whether `name` (escaped as mountinfo writes it) appears in the table at all; a bind mount of a
+        volume names the volume's folder in its root field, so when it does not, nothing to parse."""
+        return escape(name) in self._text
 
     @property
     def table(self) -> list[MountEntry]:
@@ -48,6 +60,8 @@ class Publications:
 
     def targets(self, volume_path: Path) -> list[str]:
         """Mount points where `volume_path` is bind-mounted."""
+        if not self._named(volume_path.name):
+            return []
         return list(self._by_source.get(self._source_key(volume_path), []))
 
     def of_volume(self, volume_path: Path, mode: str) -> list[str]:

@@ -1,13 +1,20 @@
-"""Per-volume metadata: one small JSON file per volume beside the volumes, never inside one.
+"""Per-volume metadata: one small record per volume beside the volumes, never inside one.
 
-A pool's metadata lives in `<volumes_dir>/.hpp-csi/volumes/<id>.json`. There is no global state file, so a
-change costs one atomic write whatever the number of volumes. An entry that is not what the driver wrote (a
-directory, a symlink, unreadable JSON, a record naming another volume) is a BadEntry: logged, counted, reported
-in the volume's condition, and left where it is.
+A pool's records live in `<volumes_dir>/.hpp-csi/volumes/<id>.json`: an empty file whose extended attribute
+`trusted.hpp-csi.record` holds the JSON. Made under a temporary name and renamed into place, it is all
+metadata, carried by the filesystem's journal, so one fsync of the records folder makes a change durable, and
+calls in flight together share that fsync (group_commit.py). Records written before this layout (or where the
+filesystem takes no such attribute, or the record is too large for one) hold the JSON as the file's content;
+both are read, and a record is rewritten in the new form the next time it changes (docs/reliability.md).
+
+There is no global state file, so a change costs the same whatever the number of volumes. An entry that is not
+what the driver wrote (a directory, a symlink, unreadable JSON, a record naming another volume) is a BadEntry:
+logged, counted, reported in the volume's condition, and left where it is.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,11 +29,17 @@ from typing import Any
 from hpp_csi import errors
 from hpp_csi.linux import atomic
 from hpp_csi.linux.safe_open import UnsafePath, open_regular, opened
+from hpp_csi.storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
 META_DIR = ".hpp-csi"
 FORMAT_VERSION = 1
+RECORD_XATTR = "trusted.hpp-csi.record"  # trusted.*: only root (CAP_SYS_ADMIN) reads or writes it
+# Above this a record is kept as file content: ext4 holds an attribute in one block, XFS up to 64 KiB.
+XATTR_LIMIT = 3072
+# The filesystem (or the driver's privileges) cannot hold the record as an attribute: keep it as content.
+_NO_XATTR = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC, errno.ERANGE, errno.EPERM})
 
 
 @dataclass
@@ -109,11 +122,16 @@ def describe(st: os.stat_result) -> str:
 
 
 class MetadataStore:
-    """Reads and writes the records of one pool; every write is atomic and durable."""
+    """Reads and writes the records of one pool; every write is atomic, and durable when it returns."""
 
     def __init__(self, volumes_dir: Path) -> None:
         self.root = volumes_dir / META_DIR
         self.records_dir = self.root / "volumes"
+        self._records = str(self.records_dir)
+        # Every create, change and delete of a record renames or unlinks in records_dir, after the volume's own
+        # changes: fsyncing that folder forces the journal past all of them (XFS and ext4 commit in order).
+        self.commits = GroupCommit(self._flush, f"the records in {self.records_dir}")
+        self.xattrs = True  # records as attributes; False once the filesystem refused one
         self.trash_dir = self.root / "trash"
         self.staging_dir = self.root / "staging"
 
@@ -154,11 +172,14 @@ class MetadataStore:
                     bad.add(BadEntry(pool, "metadata", entry.path, "is not a file the driver writes"))
         return found
 
-    def read(self, volume_id: str) -> tuple[VolumeRecord | None, str]:
-        """(the record, "") or (None, why it cannot be used); (None, "") when there is none."""
+    def read(self, volume_id: str, folder: int | None = None) -> tuple[VolumeRecord | None, str]:
+        """(the record, "") or (None, why it cannot be used); (None, "") when there is none. `folder`: the
+        records folder, opened once by a caller reading many (start-up)."""
         try:
-            with opened(self._records_fd()) as folder, opened(open_regular(folder, f"{volume_id}.json")) as fd:
-                raw = json.loads(read_record_bytes(fd))
+            if folder is None:
+                with opened(self.open_folder()) as own:
+                    return self.read(volume_id, own)
+            raw = json.loads(self._read_attribute(volume_id, folder) or self._read_content(volume_id, folder))
             record = VolumeRecord.from_json(raw)
             if record.volume_id != volume_id:
                 raise ValueError(f"it names volume {record.volume_id!r}")
@@ -170,6 +191,23 @@ class MetadataStore:
         except (ValueError, TypeError, OSError) as exc:
             return None, f"is unreadable ({exc})"
 
+    def _read_attribute(self, volume_id: str, folder: int) -> bytes:
+        """The record of an empty regular record file, by two path calls (start-up reads 10,000 of them);
+        b"" when the file is anything else, which `_read_content` then judges."""
+        name = f"{volume_id}.json"
+        st = os.lstat(name, dir_fd=folder)
+        if not stat.S_ISREG(st.st_mode) or st.st_size:
+            return b""
+        try:
+            return os.getxattr(f"{self._records}/{name}", RECORD_XATTR, follow_symlinks=False)
+        except OSError:
+            return b""  # swapped since the lstat, or no attribute: the careful path says why
+
+    @staticmethod
+    def _read_content(volume_id: str, folder: int) -> bytes:
+        with opened(open_regular(folder, f"{volume_id}.json")) as fd:
+            return read_record_bytes(fd) or read_record_xattr(fd)
+
     def load(self, volume_id: str) -> VolumeRecord | None:
         """The record, or None when absent or unreadable (then the volume is adopted from what is on disk)."""
         record, problem = self.read(volume_id)
@@ -177,20 +215,45 @@ class MetadataStore:
             log.warning("metadata of volume %s %s; treating the volume as adopted", volume_id, problem)
         return record
 
-    def _records_fd(self) -> int:
-        return os.open(self.records_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def open_folder(self) -> int:
+        """The records folder, as a descriptor to read records beneath."""
+        return os.open(self._records, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def save(self, record: VolumeRecord) -> None:
+        """Write the record and return once it is durable (with everything the caller changed before)."""
+        data = json.dumps(record.to_json(), sort_keys=True, separators=(",", ":")).encode()
         try:
-            atomic.write_json(self.path_of(record.volume_id), record.to_json())
+            if not self._save_as_xattr(f"{record.volume_id}.json", data):
+                atomic.write_bytes(self.path_of(record.volume_id), data)
         except IsADirectoryError:
             raise self._not_a_record(record.volume_id) from None
+        self.commits.wait_durable()
+
+    def _save_as_xattr(self, name: str, data: bytes) -> bool:
+        if not self.xattrs or len(data) > XATTR_LIMIT:
+            return False
+        try:
+            atomic.write_xattr_file(self._records, name, RECORD_XATTR, data)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTR:
+                raise
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                self.xattrs = False
+                log.warning("%s cannot hold records as %s (%s): writing them as file content, which costs a "
+                            "second flush per change", self.records_dir, RECORD_XATTR, exc.strerror)
+            return False
+        return True
 
     def remove(self, volume_id: str) -> None:
+        """Remove the record and return once that is durable (with everything the caller changed before)."""
         try:
-            atomic.remove(self.path_of(volume_id))
+            atomic.remove(f"{self._records}/{volume_id}.json", durable=False)
         except IsADirectoryError:
             raise self._not_a_record(volume_id) from None
+        self.commits.wait_durable()
+
+    def _flush(self) -> None:
+        atomic.fsync_dir(self._records)
 
     def check_removable(self, volume_id: str) -> None:
         """Raise FAILED_PRECONDITION when the record's place holds a directory, which remove() would refuse."""
@@ -202,6 +265,16 @@ class MetadataStore:
             f"volume {volume_id!r}: {self.path_of(volume_id)} is a directory where its record file belongs; the "
             "driver leaves it alone: move it away by hand, then retry"
         )
+
+
+def read_record_xattr(fd: int) -> bytes:
+    """The record an empty record file carries as its attribute."""
+    try:
+        return os.getxattr(fd, RECORD_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise ValueError("empty, and without a record attribute") from None
+        raise
 
 
 def read_record_bytes(fd: int, limit: int = 1 << 20) -> bytes:

@@ -22,6 +22,7 @@ from hpp_csi.config import LEGACY_POOL
 from hpp_csi.linux.reflink import clone_file, clone_tree
 from hpp_csi.linux.safe_open import open_dir, opened
 from hpp_csi.storage.block_publish import open_image
+from hpp_csi.storage.group_commit import FlushFailed
 from hpp_csi.storage.locks import KeyedLocks
 from hpp_csi.storage.pools import StoragePool
 from hpp_csi.storage.store import BadEntries, BadEntry, VolumeRecord, describe
@@ -161,6 +162,9 @@ class VolumeManager:
         self._sorted: list[str] = []
         self._records: dict[str, VolumeRecord] = {}
         self._committed: dict[str, int] = {}  # per quota pool: bytes promised to its volumes
+        # Volumes made whose flush failed: on disk (maybe only in the page cache), so a retry must flush again
+        # before it answers. Kept in the index, so the retry finds the volume instead of rebuilding it.
+        self._unflushed: set[str] = set()
         self.bad_entries = BadEntries()
 
     # --- start-up -----------------------------------------------------------------------------------------
@@ -172,25 +176,34 @@ class VolumeManager:
         index: dict[str, str] = {}
         records: dict[str, VolumeRecord] = {}
         for pool in self.pools.values():
+            # What a killed driver wrote may still be only in the page cache: flush it before answering from it,
+            # or a retried call could confirm a change a power cut then loses.
+            pool.store.commits.wait_durable()
             pool.purge_trash()
-            for volume_id in pool.scan(self.bad_entries):
-                if volume_id in index:
-                    log.warning("volume %s exists in pools %r and %r; using %r", volume_id, index[volume_id],
-                                pool.name, index[volume_id])
-                    continue
-                index[volume_id] = pool.name
-                record, problem = pool.store.read(volume_id)
-                if problem:
-                    self.bad_entries.add(BadEntry(pool.name, "volume-record", str(pool.store.path_of(volume_id)),
-                                                  problem, volume_id))
-                if record is not None:
-                    record.pool = pool.name  # where it is stored wins, should the pool have been renamed
-                    records[volume_id] = record
+            with opened(pool.store.open_folder()) as folder:
+                self._load_pool(pool, folder, index, records)
         with self._guard:
             self._index = index
             self._sorted = sorted(index)
             self._records = records
             self._committed = {}
+
+    def _load_pool(self, pool: StoragePool, folder: int, index: dict[str, str],
+                   records: dict[str, VolumeRecord]) -> None:
+        """Index the volumes of one pool and read their records through `folder` (opened once)."""
+        for volume_id in pool.scan(self.bad_entries):
+            if volume_id in index:
+                log.warning("volume %s exists in pools %r and %r; using %r", volume_id, index[volume_id],
+                            pool.name, index[volume_id])
+                continue
+            index[volume_id] = pool.name
+            record, problem = pool.store.read(volume_id, folder)
+            if problem:
+                self.bad_entries.add(BadEntry(pool.name, "volume-record", str(pool.store.path_of(volume_id)),
+                                              problem, volume_id))
+            if record is not None:
+                record.pool = pool.name  # where it is stored wins, should the pool have been renamed
+                records[volume_id] = record
 
     # --- pools --------------------------------------------------------------------------------------------
     def pool_named(self, name: str) -> StoragePool:
@@ -312,11 +325,20 @@ class VolumeManager:
         path = spec.pool.volume_path(spec.volume_id)
         # Data first, metadata second: a crash in between leaves an entry that a retry adopts.
         self._make_entry(path, spec, record)
-        spec.pool.store.save(record)
-        self._remember(record)
-        if spec.pool.quota:
-            self._commit(spec.pool, record.capacity_bytes)
+        try:
+            spec.pool.store.save(record)
+        except FlushFailed:
+            self._added(spec.pool, record)
+            with self._guard:
+                self._unflushed.add(spec.volume_id)
+            raise
+        self._added(spec.pool, record)
         return Volume(record, spec.pool), True
+
+    def _added(self, pool: StoragePool, record: VolumeRecord) -> None:
+        self._remember(record)
+        if pool.quota:
+            self._commit(pool, record.capacity_bytes)
 
     def _record_for(self, spec: CreateSpec) -> VolumeRecord:
         enforced = self.size_enforced(spec.pool, spec.mode, spec.capacity_bytes)
@@ -368,6 +390,14 @@ class VolumeManager:
             )
         if not existing.exists_on_disk():
             self._make_entry(existing.path, spec, record)  # metadata without data: finish the interrupted create
+            with self._guard:
+                self._unflushed.add(spec.volume_id)
+        with self._guard:
+            unflushed = spec.volume_id in self._unflushed
+        if unflushed:
+            existing.pool.store.commits.wait_durable()
+            with self._guard:
+                self._unflushed.discard(spec.volume_id)
         return existing
 
     def _check_space(self, spec: CreateSpec) -> None:
@@ -410,12 +440,12 @@ class VolumeManager:
 
     @staticmethod
     def _make_empty(path: Path, spec: CreateSpec, record: VolumeRecord) -> None:
+        """No fsync: a new entry and its size are metadata, made durable by the record's flush that follows."""
         if spec.mode == "block":
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o660)
             try:
                 if os.fstat(fd).st_size < spec.capacity_bytes:
                     os.ftruncate(fd, spec.capacity_bytes)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             return
@@ -455,8 +485,7 @@ class VolumeManager:
             fd = open_image(volume.path, os.O_RDWR)
             try:
                 if os.fstat(fd).st_size < capacity:
-                    os.ftruncate(fd, capacity)
-                os.fsync(fd)
+                    os.ftruncate(fd, capacity)  # metadata: durable with the record's flush below
             finally:
                 os.close(fd)
         elif volume.pool.quota:
@@ -482,6 +511,7 @@ class VolumeManager:
         with self._guard:
             self._index.pop(volume_id, None)
             self._records.pop(volume_id, None)
+            self._unflushed.discard(volume_id)
             at = bisect.bisect_left(self._sorted, volume_id)
             if at < len(self._sorted) and self._sorted[at] == volume_id:
                 del self._sorted[at]

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from csikit import usage_of
-from drivertools import Driver, MiB, block_cap, create_request, rpc_error, unique
+from drivertools import Driver, MiB, block_cap, create_request, rpc_error, unique, volume_record
 
 from hpp_csi.spec import csi_pb2 as csi
 
@@ -446,7 +446,7 @@ def test_reflink_on_an_xfs_pool(spawn: Callable[..., Driver]) -> None:
     records = volumes / ".hpp-csi"
     assert json.loads((records / "snapshots-v2" / "snap" / "record.json").read_text())["method"] == "reflink"
     for name in ("restored", "clone"):
-        assert json.loads((records / "volumes" / f"{name}.json").read_text())["extra"]["cloned_by"] == "reflink"
+        assert volume_record(records.parent, name)["extra"]["cloned_by"] == "reflink"
     block = proc.controller.CreateVolume(create_request("img", 4 * MiB, pool="xfs", caps=[block_cap()])).volume
     proc.controller.CreateVolume(create_request("img-clone", 4 * MiB, pool="xfs", caps=[block_cap()],
                                                 volume_content_source=from_volume(block.volume_id)))

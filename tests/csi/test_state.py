@@ -353,9 +353,12 @@ class TestHostileVolumeContent:
 
 
 def test_records_are_json(fresh: Driver) -> None:
-    """The on-disk record is plain JSON naming the volume (what an operator inspects on a node)."""
+    """The on-disk record is plain JSON naming the volume (what an operator inspects on a node with
+    `getfattr -n trusted.hpp-csi.record`), carried by an empty file's attribute so the journal holds it."""
     fresh.create("inspect", 2 * MiB)
-    record = json.loads((fresh.pool_path() / ".hpp-csi" / "volumes" / "inspect.json").read_text())
+    path = fresh.pool_path() / ".hpp-csi" / "volumes" / "inspect.json"
+    assert path.stat().st_size == 0
+    record = json.loads(os.getxattr(path, "trusted.hpp-csi.record"))
     assert record["volume_id"] == "inspect" and record["capacity_bytes"] == 2 * MiB
 
 
