@@ -95,7 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     upload_config.add_arguments(sub.add_parser(
         "upload-server", help="CDI's upload server: receive one upload over TLS (flags override CDI's variables)"))
     _add_daemon_parsers(sub)
+    _add_clone_parsers(sub)
     return parser
+
+
+def _add_clone_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from importer.clone import commands
+
+    commands.add_arguments(sub.add_parser(
+        "clone-source", help="stream a volume to another node's upload daemon (sparse, resumable, verified)"), False)
+    commands.add_arguments(sub.add_parser(
+        "move", help="clone-source with the target's token fetched by --token-command (one command per move)"), True)
 
 
 def _add_upload_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -463,6 +473,9 @@ def run_upload_server(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if outcome.outcome is Outcome.DEADLINE:
         text = termination_message("Deadline Passed", deadline_passed=True)
         print("hpp-importer: deadline passed with no upload", file=sys.stderr)
+    elif outcome.clone is not None:  # CDI's word for a clone target (importer.clone)
+        text = termination_message("Clone Complete", preallocation_applied=outcome.clone.preallocation_applied)
+        print(f"cloned a {human(outcome.clone.disk_size)} disk ({outcome.clone.kind})")
     else:
         assert outcome.result is not None
         text = termination_message("Upload Complete", preallocation_applied=outcome.result.preallocation_applied)
@@ -495,6 +508,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return run_upload(args)
     if args.command == "upload-token":
         return run_upload_token(args)
+    if args.command in ("clone-source", "move"):
+        from importer.clone import commands
+
+        return commands.run(args)
     if args.command not in ("import", "upload-server", "serve"):
         parser.print_help(sys.stderr)
         return 2

@@ -6,6 +6,7 @@ set -euo pipefail
 
 PACKAGES=(
   util-linux e2fsprogs xfsprogs btrfs-progs          # loop devices, filesystems for pools
+  iproute2                                           # network namespaces for the cross-node clone tests
   qemu-utils qemu-block-extra nbdkit                 # qemu-img and its curl driver, nbdkit curl plugin
   xz-utils zstd gzip pigz tar genisoimage            # decompressors and test image builders
   openssl ca-certificates curl                       # TLS test fixtures

@@ -19,6 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from importer.clone.receiver import CloneResult, SparseSession
+from importer.clone.serve import KINDS as CLONE_KINDS
+from importer.clone.serve import clone_kind, clone_status, serve_clone
+from importer.clone.wire import CONTENT_TYPE as CLONE_CONTENT_TYPE
 from importer.deadline import Deadlines, ProgressWatch
 from importer.errors import ChecksumMismatch, ConfigError, ImporterError, InvalidImage
 from importer.pipeline import Checksum, Reader
@@ -111,6 +115,7 @@ class ServerResult:
     outcome: Outcome
     result: ImportResult | None = None
     error: str = ""
+    clone: CloneResult | None = None  # a clone was received (importer.clone), not an image imported
 
 
 def admission_status(state: State) -> tuple[int, str] | None:
@@ -180,6 +185,7 @@ class UploadSlot:
         self.outcome: ServerResult | None = None
         self.job: UploadJob | None = None
         self.resumable: ResumableStream | None = None  # the job's stream, when its upload can be resumed
+        self.clone: SparseSession | None = None  # a clone in our format, in progress or parked (importer.clone)
 
     def cancel(self) -> None:
         """Stopped by a signal: the upload in progress unwinds (its target cleaned) before we go."""
@@ -187,6 +193,9 @@ class UploadSlot:
         job = self.job
         if job is not None:
             job.join(CANCEL_GRACE)
+        clone = self.clone
+        if clone is not None and clone.parked:  # one on a connection unwinds at its next read
+            clone.abort()
 
     # -- called by the handler threads ----------------------------------------------------------------
 
@@ -492,9 +501,15 @@ class UploadHandler(BaseHTTPRequestHandler):
         self._answer(200 if path in ASYNC_PATHS | FORM_ASYNC_PATHS else 404, "")
 
     def do_GET(self) -> None:
+        if clone_kind(self.headers) == CLONE_CONTENT_TYPE and self._route() in SYNC_PATHS:
+            clone_status(self)  # what a clone source asks before a byte moves (importer.clone)
+            return
+        self._not_found()
+
+    def _not_found(self) -> None:
         self._answer(404, "")
 
-    do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_DELETE = do_PATCH = do_OPTIONS = _not_found
 
     def do_POST(self) -> None:
         self._upload()
@@ -590,6 +605,9 @@ class UploadHandler(BaseHTTPRequestHandler):
     # -- the upload ----------------------------------------------------------------------------------
 
     def _upload(self) -> None:
+        if clone_kind(self.headers) in CLONE_KINDS:
+            serve_clone(self)  # CDI's x-cdi-content-type clones and ours (importer.clone); others: an upload
+            return
         self.close_connection = True
         refusal = self._refusal()
         resume: ResumeRequest | None = None

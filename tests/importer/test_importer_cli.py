@@ -168,7 +168,7 @@ def test_sigterm_cleans_up_at_once(name: str, images: Images, big_xz: Path, fres
 
 
 def test_unsupported_source_and_usage(dest: Path) -> None:
-    done = importer("import", "--source", "registry", "--endpoint", "docker://x", "--dest", str(dest))
+    done = importer("import", "--source", "s3", "--endpoint", "s3://bucket/x", "--dest", str(dest))
     assert done.returncode == 1 and "not supported yet" in done.stderr
     assert importer().returncode == 2
     done = importer("import", "--source", "http", "--endpoint", "http://127.0.0.1:1/x", "--dest", str(dest),
