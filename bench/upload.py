@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import trustme
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.certs import ServerCerts, make_server_certs  # noqa: E402
 from bench.report import update_section  # noqa: E402
 
 MiB = 1024 * 1024
@@ -38,6 +38,12 @@ _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 _UNITS = {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}
 # curl sends `Expect: 100-continue` for large bodies and waits up to 1 s for an answer: off for every row alike.
 CURL = ["curl", "-sSf", "-o", "/dev/null", "-H", "Expect:", "-X", "POST"]
+# upload-server with the streaming qcow2 reader turned off (ImportRequest.stream_qcow2): the scratch route a qcow2
+# upload took before, measured in the same run.
+SCRATCH_ROUTE = ("import sys\nfrom importer import cli\nfrom importer.serve import upload_server as u\n"
+                 "request = u.ImportRequest\n"
+                 "u.ImportRequest = lambda *a, **k: request(*a, **{**k, 'stream_qcow2': False})\n"
+                 "sys.exit(cli.main(sys.argv[1:]))")
 
 
 @dataclass
@@ -46,13 +52,7 @@ class Run:
     server_peak: int = 0  # RSS of the receiving process alone
     tree_peak: int = 0  # RSS of it and all its children together, sampled at the same instants
     answered: float = 0.0  # seconds until the sender had its answer (exit can come later)
-
-
-@dataclass
-class Certs:
-    ca: Path
-    cert: Path
-    key: Path
+    scratch_peak: int = 0  # bytes the receiver held in its scratch directory (unnamed files too)
 
 
 def parse_size(text: str) -> int:
@@ -61,15 +61,6 @@ def parse_size(text: str) -> int:
     if not found:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 256M)")
     return int(found.group(1)) * _UNITS[found.group(2).upper()]
-
-
-def make_certs(root: Path) -> Certs:
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(root / "ca.pem"))
-    server = ca.issue_cert("127.0.0.1")
-    server.private_key_pem.write_to_path(str(root / "server.key"))
-    server.cert_chain_pems[0].write_to_path(str(root / "server.pem"))
-    return Certs(root / "ca.pem", root / "server.pem", root / "server.key")
 
 
 # --- the limit: a server that only writes the body to a file (run as `bench/upload.py sink ...`) ---
@@ -145,11 +136,14 @@ def sink(cert: Path, key: Path, out: Path, decompress: str | None, sparse: bool)
 # --- measuring processes ---
 
 class Sampler:
-    """Peak RSS of a process and of its whole tree, sampled every 20 ms on a thread."""
+    """Peak RSS of a process and of its whole tree, sampled every 20 ms on a thread; with `scratch`, also the
+    bytes allocated to files there, named or opened by the process after their name is gone."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, scratch: Path | None = None) -> None:
         self.server_peak = 0
         self.tree_peak = 0
+        self.scratch_peak = 0
+        self._scratch = scratch
         self._proc = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -167,7 +161,24 @@ class Sampler:
                 return
             self.server_peak = max(self.server_peak, own)
             self.tree_peak = max(self.tree_peak, tree)
+            if self._scratch is not None:
+                self.scratch_peak = max(self.scratch_peak, self._scratch_bytes(self._scratch))
             time.sleep(0.02)
+
+    def _scratch_bytes(self, scratch: Path) -> int:
+        seen: dict[tuple[int, int], int] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(scratch):
+                st = entry.stat(follow_symlinks=False)
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        fds = Path(f"/proc/{self._proc.pid}/fd")
+        with contextlib.suppress(OSError):
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith(f"{scratch}/"):
+                        st = fd.stat()
+                        seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        return sum(seen.values())
 
     def stop(self) -> None:
         self._stop.set()
@@ -202,11 +213,11 @@ class Receiver:
         self.proc.wait()
         self._log_file.close()
 
-    def upload(self, sender: list[str], after: str | None = None) -> Run:
+    def upload(self, sender: list[str], after: str | None = None, scratch: Path | None = None) -> Run:
         """Time from the sender's start until this server exits 0 (and `after`, a shell command, finished)."""
         os.sync()  # earlier runs' dirty pages are not this run's cost
         start = time.perf_counter()
-        sampler = Sampler(self.proc.pid)
+        sampler = Sampler(self.proc.pid, scratch)
         try:
             sent = subprocess.run(sender, capture_output=True, text=True, timeout=900, check=False)
             answered = time.perf_counter() - start
@@ -219,7 +230,8 @@ class Receiver:
                              f"{sent.stderr}\n{self.log.read_text()[-3000:]}")
         if after:
             subprocess.run(["bash", "-c", f"set -e -o pipefail; {after}"], check=True)
-        return Run(time.perf_counter() - start, sampler.server_peak, sampler.tree_peak, answered)
+        return Run(time.perf_counter() - start, sampler.server_peak, sampler.tree_peak, answered,
+                   sampler.scratch_peak)
 
 
 def fresh(path: Path) -> Path:
@@ -234,24 +246,25 @@ def best(runs: list[Run]) -> Run:
 
 # --- the three routes ---
 
-def curl_to(certs: Certs, port: int, image: Path) -> list[str]:
+def curl_to(certs: ServerCerts, port: int, image: Path) -> list[str]:
     return [*CURL, "--cacert", str(certs.ca), "-T", str(image), f"https://127.0.0.1:{port}/v1beta1/upload"]
 
 
-def sink_server(certs: Certs, out: Path, log: Path, decompress: str | None = None, sparse: bool = False) -> Receiver:
+def sink_server(certs: ServerCerts, out: Path, log: Path, decompress: str | None = None,
+                sparse: bool = False) -> Receiver:
     cmd = [sys.executable, __file__, "sink", str(certs.cert), str(certs.key), str(out)]
     cmd += (["--decompress", decompress] if decompress else []) + (["--sparse"] if sparse else [])
     return Receiver(cmd, log)
 
 
-def limit(certs: Certs, image: Path, work: Path, sparse: bool = False) -> Run:
+def limit(certs: ServerCerts, image: Path, work: Path, sparse: bool = False) -> Run:
     """curl into the sink: the bytes received, written to the target file (zero blocks skipped if sparse), fsync."""
     dest = fresh(work / "dest")
     server = sink_server(certs, dest / "disk.img", work / "sink.log", sparse=sparse)
     return server.upload(curl_to(certs, server.port, image))
 
 
-def cdi_route(certs: Certs, fmt: str, image: Path, work: Path) -> Run:
+def cdi_route(certs: ServerCerts, fmt: str, image: Path, work: Path) -> Run:
     """CDI's route: the body into scratch (gz decompressed on the way, pigz), then qemu-img convert, then sync."""
     dest, scratch = fresh(work / "dest"), fresh(work / "scratch")
     server = sink_server(certs, scratch / "img", work / "sink.log", "pigz -dc" if fmt == "raw.gz" else None)
@@ -261,20 +274,26 @@ def cdi_route(certs: Certs, fmt: str, image: Path, work: Path) -> Run:
     return server.upload(curl_to(certs, server.port, image), after=convert)
 
 
-def upload_server(certs: Certs, work: Path, image_size: int) -> Receiver:
+def upload_server(certs: ServerCerts, work: Path, image_size: int, scratch_route: bool = False) -> Receiver:
     dest, scratch = fresh(work / "dest"), fresh(work / "scratch")
-    return Receiver([HPP_IMPORTER, "upload-server", "--listen", "127.0.0.1:0", "--healthz-address", "127.0.0.1:0",
+    command = [sys.executable, "-c", SCRATCH_ROUTE] if scratch_route else [HPP_IMPORTER]
+    return Receiver([*command, "upload-server", "--listen", "127.0.0.1:0", "--healthz-address", "127.0.0.1:0",
                      "--dest", str(dest), "--scratch", str(scratch), "--image-size", f"{image_size // MiB}Mi",
                      "--termination-log", str(work / "termination-log"), "--tls-cert", str(certs.cert),
                      "--tls-key", str(certs.key), "--no-progress"], work / "upload-server.log")
 
 
-def ours_curl(certs: Certs, image: Path, work: Path, image_size: int) -> Run:
+def ours_curl(certs: ServerCerts, image: Path, work: Path, image_size: int) -> Run:
     server = upload_server(certs, work, image_size)
-    return server.upload(curl_to(certs, server.port, image))
+    return server.upload(curl_to(certs, server.port, image), scratch=work / "scratch")
 
 
-def ours_client(certs: Certs, image: Path, work: Path, image_size: int) -> Run:
+def ours_curl_scratch_route(certs: ServerCerts, image: Path, work: Path, image_size: int) -> Run:
+    server = upload_server(certs, work, image_size, scratch_route=True)
+    return server.upload(curl_to(certs, server.port, image), scratch=work / "scratch")
+
+
+def ours_client(certs: ServerCerts, image: Path, work: Path, image_size: int) -> Run:
     server = upload_server(certs, work, image_size)
     # upload-server stands in for CDI's pod behind its proxy, which checks the token: any token does here.
     return server.upload([HPP_IMPORTER, "upload", "--url", f"https://127.0.0.1:{server.port}", "--token", "bench",
@@ -303,18 +322,19 @@ def mib_s(size: int, run: Run) -> str:
     return f"{run.seconds:.2f} ({size / MiB / run.seconds:.0f} MiB/s)"
 
 
-def table(certs: Certs, files: dict[str, Path], work: Path, size: int, data: int, repeat: int,
+def table(certs: ServerCerts, files: dict[str, Path], work: Path, size: int, data: int, repeat: int,
           where: str) -> list[str]:
     """One row per format (and our client), every target and scratch file under `work`."""
     image_size = (size * 5 // 4 + MiB - 1) // MiB * MiB  # room for the default filesystem overhead
-    rows, peaks, trees = [], [], []
+    rows, peaks, trees, streams = [], [], [], []
     for fmt in FORMATS:
         image = files[fmt]
         print(f"  {fmt} ...", flush=True)
         lim = best([limit(certs, image, work) for _ in range(repeat)])
         lim_sparse = best([limit(certs, image, work, sparse=True) for _ in range(repeat)])
         cdi = best([cdi_route(certs, fmt, image, work) for _ in range(repeat)])
-        variants = [("curl", ours_curl)] + ([("`hpp-importer upload`", ours_client)] if fmt == "raw" else [])
+        variants = [("curl", ours_curl)] + ([("`hpp-importer upload`", ours_client)] if fmt == "raw" else []) + (
+            [("curl, our scratch route (streaming reader off)", ours_curl_scratch_route)] if fmt == "qcow2" else [])
         for how, route in variants:
             runs = [route(certs, image, work, image_size) for _ in range(repeat)]
             same_disk(files["raw"], work)
@@ -323,6 +343,8 @@ def table(certs: Certs, files: dict[str, Path], work: Path, size: int, data: int
             tree = max(r.tree_peak for r in runs)
             peaks.append(peak)
             trees.append(tree)
+            if fmt == "qcow2":
+                streams.append((how, mine, max(r.scratch_peak for r in runs)))
             rows.append(f"| {fmt} | {how} | {image.stat().st_size / MiB:.0f} | {lim.seconds:.2f} | "
                         f"{lim_sparse.seconds:.2f} | {cdi.seconds:.2f} | {mib_s(size, mine)} | {mine.answered:.2f} | "
                         f"**{mine.seconds / lim.seconds:.2f}x** / **{mine.seconds / lim_sparse.seconds:.2f}x** | "
@@ -345,7 +367,10 @@ def table(certs: Certs, files: dict[str, Path], work: Path, size: int, data: int
         "`hpp-importer upload` instead of curl. "
         "Peak RSS is sampled every 20 ms with psutil over every run of the row: the server process alone / it plus "
         "all its children. Servers are started before the clock starts, as CDI's pod is. "
-        "Targets: raw within 1.3x of the limit; raw.gz at least 2x CDI's route; server peak RSS <= 100 MiB whatever "
+        "A qcow2 upload is read by our streaming qcow2 reader (no scratch); its second row runs the same server "
+        "with that reader off, so the qcow2 goes through scratch and qemu-img as it did before (and as CDI's does). "
+        "Targets: raw within 1.3x of the limit; raw.gz at least 2x CDI's route; qcow2 streaming at least 1.5x our "
+        "scratch route with 0 bytes of scratch; server peak RSS <= 100 MiB whatever "
         "the image size (run with `--size` to compare).",
         "",
         "| format | sent with | uploaded MiB | limit s | limit, zero blocks skipped s | CDI route s | "
@@ -355,10 +380,21 @@ def table(certs: Certs, files: dict[str, Path], work: Path, size: int, data: int
         *rows,
         "",
         f"Server peak RSS over all runs: {max(peaks) / MiB:.0f} MiB (with children {max(trees) / MiB:.0f} MiB).",
+        "",
+        stream_line(streams),
     ]
 
 
-def on_tmpfs(certs: Certs, files: dict[str, Path], work: Path, size: int, data: int, repeat: int) -> list[str]:
+def stream_line(streams: list[tuple[str, Run, int]]) -> str:
+    """qcow2: the streaming reader against our scratch route, with the scratch each one held at its peak."""
+    (_, stream, stream_scratch), (_, scratch, scratch_peak) = streams
+    return (f"qcow2 upload, streaming reader vs our scratch route (the reader off, as before): {stream.seconds:.2f} s "
+            f"vs {scratch.seconds:.2f} s, **{scratch.seconds / stream.seconds:.1f}x**; peak scratch "
+            f"{stream_scratch / MiB:.0f} MiB vs {scratch_peak / MiB:.0f} MiB (files in the scratch directory, and "
+            "unnamed ones the server held open there, polled every 20 ms).")
+
+
+def on_tmpfs(certs: ServerCerts, files: dict[str, Path], work: Path, size: int, data: int, repeat: int) -> list[str]:
     """The same table with target and scratch on tmpfs: this VM's disk (noisy fsyncs) drops out, CPU cost is left."""
     mem = work / "mem"
     mem.mkdir()
@@ -392,7 +428,7 @@ def main() -> int:
     try:
         print(f"building a {args.size // MiB} MiB image as raw, raw.gz and qcow2 in {work} ...", flush=True)
         files, data = build(work, args.size)
-        certs = make_certs(work)
+        certs = make_server_certs(work)
         lines = table(certs, files, work, args.size, data, args.repeat, "target and scratch on disk")
         lines += ["", *on_tmpfs(certs, files, work, args.size, data, args.repeat)]
     finally:

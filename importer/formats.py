@@ -61,6 +61,11 @@ def check_header(fmt: str, header: bytes) -> None:
         raise InvalidImage("qcow2 image has an external data file; refusing it (it could read files outside the image)")
     if parsed.crypt_method:
         raise InvalidImage("qcow2 image is encrypted; encrypted images are not supported")
+    unknown = parsed.incompatible & ~qcow2.INCOMPAT_KNOWN
+    if unknown:
+        raise InvalidImage(f"qcow2 image has unknown incompatible feature bits {unknown:#x}; refusing it")
+    if parsed.compression_type not in (qcow2.COMPRESSION_ZLIB, qcow2.COMPRESSION_ZSTD):
+        raise InvalidImage(f"qcow2 image has unknown compression type {parsed.compression_type}; refusing it")
 
 
 def decompressor_command(fmt: str) -> list[str]:

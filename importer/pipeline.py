@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import queue
 import resource
 import signal
 import subprocess
@@ -216,6 +217,55 @@ class GzipReader:
 
     def close(self) -> None:
         self._upstream.close()
+
+
+class ReadAhead:
+    """Reads whole chunks of upstream on its own thread, up to `depth` ahead of the consumer.
+
+    Decoding (zlib-ng, a decompressor's pipe, the socket) then overlaps the consumer's work (placing clusters,
+    pwrite), as BackgroundWriter does on the writing side. Iterate it; close() stops the thread.
+    """
+
+    def __init__(self, upstream: Reader, chunk: int, depth: int = 4) -> None:
+        self._upstream, self._chunk = upstream, chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = read_full(self._upstream, self._chunk)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._put(err)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> bytes:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not item:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop reading; returns once the thread has ended (its current read may finish first)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def decoder(fmt: str, upstream: Reader) -> Reader:

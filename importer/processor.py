@@ -35,6 +35,8 @@ from importer.pipeline import (
 from importer.progress import Progress
 from importer.qcow2 import Segment
 from importer.qcow2_import import Qcow2Import, qcow2_fetcher
+from importer.qcow2_stream import Qcow2Stream, disk_size, stream_problem
+from importer.qcow2_stream_buffer import DEFAULT_MEMORY_LIMIT, ClusterBuffer
 from importer.sources import BlankSource, FileSource, Source, SourceInfo
 from importer.target import (
     BackgroundWriter,
@@ -72,7 +74,7 @@ class Route(Enum):
     """How the bytes travel; see docs/importer.md for the matrix."""
 
     BLANK = "blank"  # no source: an empty disk of the usable size
-    STREAM = "stream"  # raw, possibly compressed: decompress straight into the target, no scratch, no qemu-img
+    STREAM = "stream"  # raw or qcow2, possibly compressed: decoded straight into the target, no qemu-img
     DIRECT = "direct"  # a convertible format qemu-img reads in place (local file, or HTTP Range via nbdkit)
     SCRATCH = "scratch"  # a convertible format that cannot be read in place: download to scratch, then convert
     ARCHIVE = "archive"  # a tar extracted into the directory
@@ -122,6 +124,8 @@ class ImportRequest:
     qcow2_reader: str = "native"  # or "qemu-img": who converts a qcow2 read in place
     connections: int = DEFAULT_CONNECTIONS
     durable: DurableWork | None = None  # a resumable upload: its record follows what reaches the disk
+    stream_qcow2: bool = True  # a qcow2 read in order is placed as it passes (False: stored in scratch first)
+    qcow2_stream_memory: int = DEFAULT_MEMORY_LIMIT  # clusters waiting for their L2 table, before scratch
 
 
 @dataclass
@@ -135,7 +139,9 @@ class ImportResult:
     scratch_used: bool
     dest: Path
     source_bytes: int
-    reader: str = ""  # how the bytes were read: "native"/"qemu-img" (qcow2 in place), "ranges" (raw in parts)
+    reader: str = ""  # how the bytes were read: "native"/"qemu-img" (qcow2 in place), "ranges" (raw in parts),
+    # "qcow2-stream" (qcow2 in order)
+    scratch_bytes: int = 0  # peak bytes a streamed qcow2 kept in scratch (clusters ahead of their L2 table)
 
     @property
     def preallocation_applied(self) -> bool:
@@ -163,6 +169,7 @@ class ImportProcessor:
         self.applied = Preallocation.NONE
         self.reader = ""
         self.qcow2_header: qcow2.Header | None = None
+        self.scratch_bytes = 0
         self._source_percent = self.req.progress.range(0, 100)
 
     def run(self) -> ImportResult:
@@ -196,10 +203,11 @@ class ImportProcessor:
             virtual_size=self.virtual_size,
             usable_size=self.usable,
             preallocation=self.applied,
-            scratch_used=self.route is Route.SCRATCH,
+            scratch_used=self.route is Route.SCRATCH or self.scratch_bytes > 0,
             dest=getattr(self.req.target, "final", self.req.target.path),
             source_bytes=self.counter.count if self.counter else 0,
             reader=self.reader,
+            scratch_bytes=self.scratch_bytes,
         )
 
     # -- phases ---------------------------------------------------------------------------------------
@@ -233,6 +241,10 @@ class ImportProcessor:
         else:
             compressed = bool(self.layers.compressions)
             self.route = choose_route(self.fmt, compressed, info.random_access, hash_first)
+            if self.route is Route.SCRATCH and self.fmt == "qcow2" and req.stream_qcow2:
+                # Placed cluster by cluster as it passes: no scratch unless clusters come before their tables.
+                self.route, self.reader = Route.STREAM, "qcow2-stream"
+                self.qcow2_header = qcow2.parse_header(self.layers.header)
         if self.route is Route.SCRATCH and req.scratch_dir is None:
             raise ScratchSpaceRequired(scratch_reason(self.fmt, self.layers.compressions, info.random_access,
                                                       req.source.sequential_reason))
@@ -255,7 +267,15 @@ class ImportProcessor:
             return Phase.TRANSFER
         header = self.layers.header if self.layers else (self.info.header if self.info else b"")
         formats.check_header(self.fmt, header)
-        if self.route is Route.DIRECT:
+        if self.reader == "qcow2-stream":
+            assert self.qcow2_header is not None
+            problem = stream_problem(self.qcow2_header)
+            if problem is not None:
+                raise InvalidImage(f"corrupt qcow2 image: {problem}")
+            self.virtual_size = disk_size(self.qcow2_header)
+            if self.virtual_size > self.usable:
+                raise ImageTooLarge(self.virtual_size, self.usable)
+        elif self.route is Route.DIRECT:
             self._check_image(self.qemu_input, consistency=self.reader != "native")
         elif self.route is Route.STREAM and self.info and self.info.size is not None and not self.layers_compressed:
             self.virtual_size = self.info.size
@@ -267,6 +287,8 @@ class ImportProcessor:
         if self.route is Route.STREAM:
             if self.reader == "ranges":
                 self._fetch_raw()
+            elif self.reader == "qcow2-stream":
+                self._stream_qcow2()
             else:
                 self._stream_into_target()
             return Phase.RESIZE
@@ -474,6 +496,32 @@ class ImportProcessor:
                 if not req.target.is_block and not req.preallocation:
                     os.ftruncate(fd, writer.offset)
                 self.virtual_size = writer.offset
+            if req.checksum is not None:
+                req.checksum.verify()
+        finally:
+            os.close(fd)
+
+    def _stream_qcow2(self) -> None:
+        """A qcow2 read in order: each cluster written where its L2 entry says, as it passes."""
+        req = self.req
+        assert self.layers is not None and self.qcow2_header is not None
+        fd, work = self._open_work()
+        try:
+            writer = SparseWriter(fd, req.target.zero_policy(self.applied), self.usable)
+            if req.durable is not None:  # clusters land out of order: no prefix to resume from
+                req.durable.attach(Route.STREAM, False, work, fd, None)
+            buffer = ClusterBuffer(self.qcow2_header.cluster_size, req.qcow2_stream_memory, req.scratch_dir)
+            try:
+                with WritebackPacer(work):
+                    stats = Qcow2Stream(self.qcow2_header, self.layers.open(), writer, buffer).run()
+            finally:
+                buffer.close()  # the spill file has no name: closing it frees its space
+            self.scratch_bytes = stats.peak_scratch
+            if stats.peak_memory or stats.peak_scratch:
+                log.info("qcow2 stream: %d clusters arrived before their L2 tables (peak %d bytes in memory, %d in "
+                         "scratch)", stats.buffered_clusters, stats.peak_memory, stats.peak_scratch)
+            if not req.target.is_block and not req.preallocation:
+                os.ftruncate(fd, self.virtual_size)
             if req.checksum is not None:
                 req.checksum.verify()
         finally:

@@ -20,6 +20,8 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTENDED_L2 = 1 << 4
+INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2
+COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of an L1 entry or a standard L2 entry
 L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard L2 entry: must be zero
 COMPRESSED = 1 << 62
@@ -40,14 +42,25 @@ class Header:
     l1_offset: int
     incompatible: int
     compression_type: int
+    refcount_table_offset: int = 0
+    refcount_table_clusters: int = 0
 
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
     @property
+    def extended_l2(self) -> bool:
+        """128-bit L2 entries: a standard descriptor and a bitmap of 32 subclusters."""
+        return bool(self.incompatible & INCOMPAT_EXTENDED_L2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
     def l2_entries(self) -> int:
-        return self.cluster_size // 8
+        return self.cluster_size // self.l2_entry_size
 
     @property
     def l2_span(self) -> int:
@@ -66,6 +79,7 @@ def parse_header(data: bytes) -> Header:
     version, backing_offset, _backing_size, cluster_bits, virtual_size, crypt_method, l1_size, l1_offset = (
         struct.unpack_from(">IQIIQIIQ", data, 4)
     )
+    refcount_table_offset, refcount_table_clusters = struct.unpack_from(">QI", data, 48)
     incompatible, compression_type = 0, 0
     if version >= 3 and len(data) >= 80:
         (incompatible,) = struct.unpack_from(">Q", data, 72)
@@ -73,7 +87,7 @@ def parse_header(data: bytes) -> Header:
         if incompatible & INCOMPAT_COMPRESSION and header_length > 104 and len(data) > 104:
             compression_type = data[104]
     return Header(version, backing_offset, cluster_bits, virtual_size, crypt_method, l1_size, l1_offset,
-                  incompatible, compression_type)
+                  incompatible, compression_type, refcount_table_offset, refcount_table_clusters)
 
 
 def unsupported(header: Header) -> str | None:

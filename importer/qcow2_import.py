@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zlib_ng import zlib_ng
-
 from importer import qcow2
 from importer.errors import InvalidImage
 from importer.fetch import DEFAULT_CONNECTIONS, Fetcher, RangeSource, plan, read_range
-from importer.pipeline import ZlibError
 from importer.qcow2 import Header, Segment
+from importer.qcow2_stream import decompress
 from importer.target import SparseWriter
 
 TABLE_BUDGET = 8 * 1024 * 1024
@@ -26,14 +24,7 @@ GROUP_ENTRIES = 64 * 1024  # table entries mapped into segments at once: bounds 
 
 def inflate(data: bytes, seg: Segment, cluster_size: int) -> bytes:
     """One compressed cluster: raw deflate (qemu writes window bits 12; a 15-bit decoder reads any window)."""
-    try:
-        out = zlib_ng.decompressobj(wbits=-15).decompress(data, cluster_size)
-    except ZlibError as err:
-        raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host}: {err}") from err
-    if len(out) < cluster_size:
-        raise InvalidImage(f"corrupt qcow2 image: compressed cluster at offset {seg.host} decompresses to "
-                           f"{len(out)} bytes, not {cluster_size}")
-    return out
+    return decompress(data, qcow2.COMPRESSION_ZLIB, cluster_size, seg.host)[0]
 
 
 def qcow2_fetcher(source: RangeSource, header: Header, writer: SparseWriter,

@@ -150,12 +150,14 @@ def test_image_larger_than_volume(name: str, size_arg: str, server: ImageServer,
     assert_untouched(dest)
 
 
-def test_compressed_qcow2_without_scratch(server: ImageServer, dest: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_unseekable_vhdx_without_scratch(server: ImageServer, dest: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-img must read a vhdx at offsets: served without Range, it needs scratch (a qcow2 streams instead)."""
     log = tmp_path / "termination-log"
-    rc, err = run_import(["--endpoint", server.url("/img/qcow2.xz"), "--dest", str(dest), "--image-size", "16Mi",
+    rc, err = run_import(["--endpoint", server.url("/norange/vhdx"), "--dest", str(dest), "--image-size", "16Mi",
                           "--termination-log", str(log)], capsys)
     assert rc == 1 and "scratch space required and none found" in err
+    assert "does not support Range requests, so the vhdx image must be stored first" in err
     message = json.loads(log.read_text())
     assert message["scratchSpaceRequired"] is True
     assert_untouched(dest)

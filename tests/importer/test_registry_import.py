@@ -67,8 +67,10 @@ def source_for(registry: Registry, reference: str) -> RegistrySource:
     return RegistrySource(reference, options)
 
 
-def run_import(source: RegistrySource, dest: Path, scratch: Path | None = None) -> ImportResult:
-    request = ImportRequest(source=source, target=open_target(dest), image_size=IMAGE_SIZE, scratch_dir=scratch)
+def run_import(source: RegistrySource, dest: Path, scratch: Path | None = None,
+               stream_qcow2: bool = True) -> ImportResult:
+    request = ImportRequest(source=source, target=open_target(dest), image_size=IMAGE_SIZE, scratch_dir=scratch,
+                            stream_qcow2=stream_qcow2)
     try:
         return ImportProcessor(request).run()
     finally:
@@ -101,9 +103,18 @@ def test_raw_streams_into_a_block_device_over_tls(kit: RegistryKit, loop_block: 
     assert image.disk is not None and compare(image.disk, device).returncode == 0  # stale bytes are gone too
 
 
-def test_qcow2_goes_through_scratch(kit: RegistryKit, dest: Path, scratch: Path) -> None:
+def test_qcow2_streams_without_scratch(kit: RegistryKit, dest: Path) -> None:
+    """A qcow2 container disk is placed cluster by cluster as the layer streams: no scratch at all."""
     image = kit.push(kit.plain, "qcow2")
-    result = run_import(source_for(kit.plain, image.reference), dest, scratch)
+    result = run_import(source_for(kit.plain, image.reference), dest)
+    assert (result.route, result.fmt, result.reader) == (Route.STREAM, "qcow2", "qcow2-stream")
+    assert not result.scratch_used and result.scratch_bytes == 0
+    assert image.disk is not None and compare(image.disk, dest / "disk.img").returncode == 0
+
+
+def test_qcow2_goes_through_scratch_when_streaming_is_off(kit: RegistryKit, dest: Path, scratch: Path) -> None:
+    image = kit.push(kit.plain, "qcow2")
+    result = run_import(source_for(kit.plain, image.reference), dest, scratch, stream_qcow2=False)
     assert (result.route, result.fmt) == (Route.SCRATCH, "qcow2")
     assert image.disk is not None and compare(image.disk, dest / "disk.img").returncode == 0
     assert list(scratch.iterdir()) == []
@@ -112,7 +123,7 @@ def test_qcow2_goes_through_scratch(kit: RegistryKit, dest: Path, scratch: Path)
 def test_qcow2_without_scratch_says_why(kit: RegistryKit, dest: Path) -> None:
     image = kit.push(kit.plain, "qcow2")
     with pytest.raises(ScratchSpaceRequired, match="a container disk streams out of its layer, so the qcow2 image"):
-        run_import(source_for(kit.plain, image.reference), dest)
+        run_import(source_for(kit.plain, image.reference), dest, stream_qcow2=False)
     assert list(dest.iterdir()) == []
 
 

@@ -143,7 +143,7 @@ def test_curl_into_a_file_volume(node: Node, images: Images, name: str, path: st
     assert compare(images.references[name], volume / "disk.img").returncode == 0
     assert (volume / "disk.img").stat().st_size == 15 * MiB  # the recorded 16Mi less 5.5% overhead
     assert contents(volume) == ["disk.img"]
-    assert os.listdir(node.driver.pool_path() / ".hpp-csi" / "staging") == []  # qcow2's scratch is gone
+    assert os.listdir(node.driver.pool_path() / ".hpp-csi" / "staging") == []  # nothing left in staging (qcow2 streams)
     status, body = node.daemon.curl(path, *args, token=node.token(volume_id))
     assert status == 409 and "already holds a disk" in body, body
 
@@ -204,9 +204,9 @@ def test_block_volume_is_emptied_when_the_client_hangs_up(node: Node, images: Im
 
 
 def test_an_async_failure_after_its_answer_frees_the_volume(node: Node, images: Images) -> None:
-    """qcow2 too large is found only once in scratch, after the 200: the volume is clean and takes the next upload."""
+    """vmdk too large is found only once in scratch, after the 200: the volume is clean and takes the next upload."""
     volume_id, volume = node.volume(size=4 * MiB)
-    status, body = node.daemon.curl("/v1beta1/upload-async", "-T", str(images.files["qcow2"]),
+    status, body = node.daemon.curl("/v1beta1/upload-async", "-T", str(images.files["vmdk"]),
                                     token=node.token(volume_id))
     assert status == 200, body
     end = time.monotonic() + 20

@@ -196,9 +196,9 @@ def test_an_upload_not_resumed_in_time_is_cleaned_and_restarts(server: tuple[Upl
 
 
 @pytest.mark.parametrize("fmt", ["raw", "raw.gz", "qcow2"])
-def test_daemon_resumes_raw_compressed_and_scratch_uploads(node: Node, image: Path, tmp_path: Path,
-                                                           fmt: str) -> None:
-    """raw written in place, raw.gz decoded straight into the volume, qcow2 received into scratch then converted."""
+def test_daemon_resumes_raw_compressed_and_qcow2_uploads(node: Node, image: Path, tmp_path: Path,
+                                                         fmt: str) -> None:
+    """raw written in place, raw.gz decoded straight into the volume, qcow2 placed cluster by cluster as it streams."""
     source = image
     if fmt == "qcow2":
         source = tmp_path / "disk.qcow2"
