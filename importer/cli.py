@@ -29,6 +29,7 @@ from importer.pipeline import Checksum
 from importer.processor import ImportProcessor, ImportRequest, ImportResult
 from importer.progress import TERMINATION_LOG, ImportMetrics, Progress, termination_message, write_termination_message
 from importer.progress_bar import TransferProgress
+from importer.qcow2_stream_buffer import DEFAULT_MEMORY_LIMIT
 from importer.registry.options import RegistryOptions
 from importer.serve import upload_config
 from importer.serve.resume import DEFAULT_HOLD
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled each time")
     imp.add_argument("--qcow2-reader", choices=("native", "qemu-img"), default="native",
                      help="who reads a qcow2 served with Range support: our parallel reader, or qemu-img via nbdkit")
+    imp.add_argument("--qcow2-stream", action=argparse.BooleanOptionalAction, default=True,
+                     help="read a qcow2 that arrives as a stream with our streaming reader (--no-qcow2-stream: "
+                          "store it in scratch and convert it with qemu-img, as CDI does) [on]")
+    imp.add_argument("--qcow2-stream-memory", default=None,
+                     help="memory for qcow2 clusters that arrive before their table, before scratch [64Mi]")
     imp.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
                      help=f"parallel Range requests of our qcow2 and raw readers [{DEFAULT_CONNECTIONS}]")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
@@ -405,6 +411,9 @@ def build_request(args: argparse.Namespace, env: Mapping[str, str], progress: Pr
         checksum=Checksum(checksum_text) if checksum_text else None,
         progress=progress,
         qcow2_reader=args.qcow2_reader,
+        stream_qcow2=args.qcow2_stream,
+        qcow2_stream_memory=(parse_quantity(args.qcow2_stream_memory) if args.qcow2_stream_memory
+                             else DEFAULT_MEMORY_LIMIT),
         connections=args.connections,
     )
 

@@ -174,3 +174,15 @@ def test_unsupported_source_and_usage(dest: Path) -> None:
     done = importer("import", "--source", "http", "--endpoint", "http://127.0.0.1:1/x", "--dest", str(dest),
                     "--image-size", "ten")
     assert done.returncode == 1 and "invalid quantity 'ten'" in done.stderr
+
+
+def test_qcow2_stream_flag(images: Images, server: ImageServer, dest: Path) -> None:
+    """A qcow2 without Range streams with no scratch; --no-qcow2-stream asks for scratch as CDI's route does."""
+    url = server.url("/norange/qcow2")
+    done = importer("import", "--endpoint", url, "--dest", str(dest), "--image-size", "64Mi", "--no-qcow2-stream")
+    assert done.returncode == 1 and "scratch space required" in done.stderr, done.stderr
+    assert list(dest.iterdir()) == []
+    done = importer("import", "--endpoint", url, "--dest", str(dest), "--image-size", "64Mi",
+                    "--qcow2-stream-memory", "1Mi")
+    assert done.returncode == 0, done.stderr
+    assert compare(images.files["raw"], dest / "disk.img").returncode == 0
