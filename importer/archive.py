@@ -17,6 +17,7 @@ import os
 import posixpath
 import stat
 import tarfile
+from typing import IO
 
 from hpp_csi.linux.safe_open import UnsafePath, open_beneath
 from importer.errors import ImageTooLarge, InvalidImage
@@ -157,17 +158,21 @@ class Extraction:
         self._record(parts, is_dir=False)
         self._files.add(parts)
         try:
-            data = tar.extractfile(member)
-            if data is not None:
-                while chunk := data.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+            self._write_data(fd, tar.extractfile(member), member)
             os.fchmod(fd, (member.mode & FILE_MODE_MASK) | 0o600)
             with contextlib.suppress(OverflowError, ValueError, OSError):  # a nonsense mtime is not worth failing
                 os.utime(fd, (member.mtime, member.mtime))
         finally:
             os.close(fd)
+
+    def _write_data(self, fd: int, data: IO[bytes] | None, member: tarfile.TarInfo) -> None:
+        """A regular member's bytes into its new file (a subclass may keep holes, or sync)."""
+        if data is None:
+            return
+        while chunk := data.read(CHUNK):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
 
     def _symlink(self, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
         if not link_target_inside(list(parts), member.linkname):

@@ -14,9 +14,10 @@ import queue
 import tarfile
 import threading
 from dataclasses import dataclass
+from typing import IO
 
 from hpp_csi.linux.safe_open import UnsafePath, open_beneath, opened
-from importer.archive import FILE_MODE_MASK, Extraction, UnsafeMember
+from importer.archive import Extraction
 from importer.clone.wire import Digest, FileEntry, Manifest, is_zero
 from importer.errors import ChecksumMismatch, ImporterError, InvalidImage
 from importer.pipeline import Reader
@@ -307,31 +308,15 @@ class _TarDisk:
 class SparseExtraction(Extraction):
     """CDI's tar extracted beneath the volume's directory, zero blocks of each file left as holes."""
 
-    def _regular(self, tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
-        self._replace_own(parent, parts, member.name)
-        try:
-            fd = open_beneath(parent, parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except UnsafePath:
-            raise UnsafeMember(member.name, "is a symlink in the destination") from None
-        except FileExistsError:
-            raise UnsafeMember(member.name, "already exists in the destination; refusing to replace it") from None
-        self._record(parts, is_dir=False)
-        self._files.add(parts)
-        try:
-            data = tar.extractfile(member)
-            writer = SparseWriter(fd, ZeroPolicy.SKIP, member.size)
-            offset = 0
-            if data is not None:
-                while chunk := data.read(READ_SIZE):
-                    writer.write_at(offset, chunk)
-                    offset += len(chunk)
-            os.ftruncate(fd, member.size)
-            os.fchmod(fd, (member.mode & FILE_MODE_MASK) | 0o600)
-            with contextlib.suppress(OverflowError, ValueError, OSError):
-                os.utime(fd, (member.mtime, member.mtime))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _write_data(self, fd: int, data: IO[bytes] | None, member: tarfile.TarInfo) -> None:
+        writer = SparseWriter(fd, ZeroPolicy.SKIP, member.size)
+        offset = 0
+        if data is not None:
+            while chunk := data.read(READ_SIZE):
+                writer.write_at(offset, chunk)
+                offset += len(chunk)
+        os.ftruncate(fd, member.size)
+        os.fsync(fd)
 
 
 def receive_cdi(kind: str, stream: Reader, place: Placement) -> CloneResult:

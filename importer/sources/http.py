@@ -29,10 +29,6 @@ from urllib3.exceptions import (
 )
 
 from importer.deadline import (
-    DEFAULT_MIN_RATE,
-    DEFAULT_MIN_RATE_WINDOW,
-    DEFAULT_STALL_TIMEOUT,
-    Deadlines,
     NbdkitLogCounter,
     ProgressWatch,
 )
@@ -42,6 +38,7 @@ from importer.net.pools import USER_AGENT, Pools
 from importer.net.proxy import Proxy, ProxySettings
 from importer.net.redirects import next_hop
 from importer.net.tls import TlsSettings
+from importer.net.transfer import TransferOptions
 from importer.pipeline import read_full
 from importer.sources.base import Source, SourceInfo
 
@@ -58,7 +55,7 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass
-class HttpOptions:
+class HttpOptions(TransferOptions):
     """Everything about talking to the server that is not the URL."""
 
     insecure_tls: bool = False
@@ -68,25 +65,10 @@ class HttpOptions:
     username: str | None = None
     password: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
-    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # seconds without a byte, across reconnections, before failing
-    min_rate: int = DEFAULT_MIN_RATE  # bytes/s the source must average over min_rate_window
-    min_rate_window: float = DEFAULT_MIN_RATE_WINDOW
-    retries: int = 5  # consecutive failures without progress before giving up
-    retry_delay: float = 1.0  # first backoff; doubles on each consecutive failure
-    max_redirects: int = 10
 
     @property
     def tls(self) -> TlsSettings:
         return TlsSettings(self.insecure_tls, self.cert_dir, self.proxy_cert_dir)
-
-    @property
-    def deadlines(self) -> Deadlines:
-        return Deadlines(self.stall_timeout, self.min_rate, self.min_rate_window)
-
-    @property
-    def io_timeout(self) -> float:
-        """One socket operation's timeout: half the stall timeout, so a dead connection is retried once in time."""
-        return self.stall_timeout / 2 if self.stall_timeout > 0 else DEFAULT_STALL_TIMEOUT
 
 
 class HttpSource(Source):

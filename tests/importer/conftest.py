@@ -14,6 +14,7 @@ import pytest
 import trustme
 from imageserver import ImageServer, Route
 from impkit import BASE_SIZE, Images, LoopDevice, MiB, run
+from registrykit import RegistryKit
 
 
 def _write_base(path: Path, rng: random.Random) -> int:
@@ -142,3 +143,12 @@ def bomb(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     tool = {"gzip": "gzip -c -1", "xz": "xz -c -T2 -0", "zstd": "zstd -c -q"}[kind]
     subprocess.run(f"head -c 256M /dev/zero | {tool} > {path}", shell=True, check=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryKit]:
+    """Real docker-registry instances (plain, TLS + htpasswd, token auth), started on first use; one set per
+    module, since some tests tamper with blobs in the registry's storage."""
+    registries = RegistryKit(tmp_path_factory.mktemp("registry"))
+    yield registries
+    registries.close()

@@ -38,6 +38,7 @@ import jwt
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import load_pem_x509_certificate
+from uploadkit import CuttingProxy
 
 MiB = 1024 * 1024
 USER, PASSWORD = "hpp", "s3cret-pass"
@@ -675,76 +676,12 @@ class RegistryKit:
 # -- a front that cuts downloads -----------------------------------------------------------------------------
 
 
-class CuttingFront:
-    """A TCP forwarder (on 127.0.0.1, or `listen`) that closes the first `cuts` connections after `cut_after` bytes
-    sent to the client (server to client: the direction uploadkit.CuttingProxy leaves alone); counts connections.
-    With cuts=0 it is a plain relay, e.g. to reach a registry by this machine's name (which a proxy applies to)."""
+class CuttingFront(CuttingProxy):
+    """Cuts the server-to-client direction (a blob mid-download); with cuts=0 a plain relay, e.g. to reach a
+    registry by this machine's name (which a proxy applies to)."""
 
     def __init__(self, target_port: int, cut_after: int, cuts: int = 1, listen: str = "127.0.0.1") -> None:
-        self.target_port, self.cut_after, self.cuts, self.listen = target_port, cut_after, cuts, listen
-        self.connections = 0
-        self.cut_done = 0
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server((listen, 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    @property
-    def host(self) -> str:
-        return f"{self.listen}:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-            server.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._sockets += [client, server]
-            for args in ((client, server, False), (server, client, True)):
-                thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
-        carried = 0
-        try:
-            while data := src.recv(64 * 1024):
-                cut = False
-                if downstream:
-                    with self._lock:
-                        cut = self.cuts > 0 and carried + len(data) >= self.cut_after
-                        if cut:
-                            self.cuts -= 1
-                            self.cut_done += 1
-                            data = data[: self.cut_after - carried]
-                dst.sendall(data)
-                carried += len(data)
-                if cut:
-                    break
-        except OSError:
-            pass
-        _close(src)
-        _close(dst)
-
-    def close(self) -> None:
-        _close(self._listener)
-        with self._lock:
-            for sock in self._sockets:
-                _close(sock)
-        for thread in self._threads:
-            thread.join(10)
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
+        super().__init__(target_port, cut_after, cuts, downstream=True, listen=listen)
 
 
 # -- a registry front that sends blobs elsewhere (S3-style) ------------------------------------------------------

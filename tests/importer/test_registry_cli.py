@@ -20,20 +20,6 @@ HPP_IMPORTER = str(Path(sys.executable).with_name("hpp-importer"))
 FAST = {"IMPORTER_STALL_TIMEOUT": "10"}  # a broken test fails in seconds
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryKit]:
-    kit = RegistryKit(tmp_path_factory.mktemp("registry"))
-    yield kit
-    kit.close()
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    d = tmp_path / "pvc"
-    d.mkdir()
-    return d
-
-
 def importer(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": os.environ["PATH"], **FAST, **env}
     return subprocess.run([HPP_IMPORTER, "import", *args], env=full_env, capture_output=True, text=True,

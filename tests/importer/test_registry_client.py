@@ -7,7 +7,6 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,13 +34,6 @@ from importer.registry.manifests import (
 from importer.registry.reference import Reference, parse_reference
 
 DIGEST = "sha256:" + "ab" * 32
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryKit]:
-    registries = RegistryKit(tmp_path_factory.mktemp("registry"))
-    yield registries
-    registries.close()
 
 
 def client(ref: str, **options: object) -> RegistryClient:

@@ -25,20 +25,6 @@ IMAGE_SIZE = 16 * MiB
 FAST = dict(stall_timeout=10.0, retries=1, retry_delay=0.1)  # a broken test fails in seconds, not minutes
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryKit]:
-    kit = RegistryKit(tmp_path_factory.mktemp("registry"))
-    yield kit
-    kit.close()
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    d = tmp_path / "pvc"
-    d.mkdir()
-    return d
-
-
 @pytest.fixture
 def scratch(tmp_path: Path) -> Path:
     d = tmp_path / "scratch"

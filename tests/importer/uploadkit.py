@@ -131,24 +131,32 @@ def leftovers(dest: Path) -> list[str]:
 
 
 class CuttingProxy:
-    """A TCP forwarder on 127.0.0.1 that breaks uploads mid-way; counts the client's bytes over all connections.
+    """A TCP forwarder on 127.0.0.1 (or `listen`) that breaks transfers mid-way; counts the bytes it carries in the
+    cut direction over all connections.
 
-    The first `cuts` connections that carry `cut_after` bytes from the client are cut there: closed at once, or,
-    with hold=True, held (nothing more forwarded) until release() closes them.
+    The first `cuts` connections that carry `cut_after` bytes from the client (downstream=True: to the client) are
+    cut there: closed at once, or, with hold=True, held (nothing more forwarded) until release() closes them.
     """
 
-    def __init__(self, target_port: int, cut_after: int, cuts: int = 1, hold: bool = False) -> None:
+    def __init__(self, target_port: int, cut_after: int, cuts: int = 1, hold: bool = False,
+                 downstream: bool = False, listen: str = "127.0.0.1") -> None:
         self.target_port, self.cut_after, self.cuts, self.hold = target_port, cut_after, cuts, hold
-        self.forwarded = 0  # client to server, every connection, TLS records and headers included
+        self.downstream, self.listen = downstream, listen
+        self.cut_done = 0
+        self.forwarded = 0  # in the cut direction, every connection, TLS records and headers included
         self.connections = 0
         self.holding = threading.Event()  # a connection reached cut_after and is held
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen, 0))
         self.port = int(self._listener.getsockname()[1])
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
+
+    @property
+    def host(self) -> str:
+        return f"{self.listen}:{self.port}"
 
     def release(self) -> None:
         """Held connections are closed now."""
@@ -174,20 +182,21 @@ class CuttingProxy:
             with self._lock:
                 self.connections += 1
                 self._sockets += [client, server]
-            for args in ((client, server, True), (server, client, False)):
+            for args in ((client, server, not self.downstream), (server, client, self.downstream)):
                 thread = threading.Thread(target=self._pump, args=args, daemon=True)
                 thread.start()
                 self._threads.append(thread)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, cutting: bool) -> None:
         carried = 0
         try:
             while data := src.recv(256 * 1024):
-                if upstream:
+                if cutting:
                     with self._lock:
                         cut = self.cuts > 0 and carried + len(data) >= self.cut_after
                         if cut:
                             self.cuts -= 1
+                            self.cut_done += 1
                             data = data[: self.cut_after - carried]
                         self.forwarded += len(data)
                     dst.sendall(data)
