@@ -1,7 +1,7 @@
 """Loop devices through ioctls on /dev/loop-control and /dev/loopN: no `losetup` process is forked.
 
-What is attached is always read back from /sys/block/loop*/loop, never remembered: after a restart the
-driver finds the devices backing its files the same way it finds them the first time.
+What is attached is always read back from the kernel, never remembered: after a restart the driver finds the
+devices backing its files the same way it finds them the first time, by the backing file's device and inode.
 """
 
 from __future__ import annotations
@@ -120,26 +120,22 @@ def status(device: str | os.PathLike[str]) -> LoopDevice | None:
     )
 
 
+def _attached_numbers() -> list[int]:
+    """Numbers of the loop devices sysfs shows something attached to, in order."""
+    numbers = sorted(int(p.name[4:]) for p in SYS_BLOCK.glob("loop*") if p.name[4:].isdigit())
+    return [n for n in numbers if (_sys(n) / "loop").is_dir()]
+
+
 def attached() -> list[LoopDevice]:
     """Every attached loop device, in device order."""
-    numbers = sorted(int(p.name[4:]) for p in SYS_BLOCK.glob("loop*") if p.name[4:].isdigit())
-    found = (status(f"/dev/loop{n}") for n in numbers)
+    found = (status(f"/dev/loop{n}") for n in _attached_numbers())
     return [dev for dev in found if dev is not None]
 
 
 def devices_backing(path: str | os.PathLike[str]) -> list[LoopDevice]:
     """Loop devices whose backing file is `path` (compared by inode, so any path to the file matches)."""
     target = os.stat(path)
-    matches = []
-    for dev in attached():
-        # sysfs appends " (deleted)" once the file is unlinked: such a device backs nothing we can name.
-        try:
-            backing = os.stat(dev.backing_file)
-        except OSError:
-            continue
-        if (backing.st_dev, backing.st_ino) == (target.st_dev, target.st_ino):
-            matches.append(dev)
-    return matches
+    return devices_backing_inode(target.st_dev, target.st_ino)
 
 
 def backing_inode(device: str | os.PathLike[str]) -> tuple[int, int, int] | None:
@@ -166,15 +162,16 @@ def backing_inode(device: str | os.PathLike[str]) -> tuple[int, int, int] | None
     return os.major(info.lo_device), os.minor(info.lo_device), int(info.lo_inode)
 
 
-def devices_backing_inode(st_dev: int, st_ino: int, under: str | os.PathLike[str] | None = None) -> list[LoopDevice]:
-    """Loop devices whose backing file is the inode (st_dev, st_ino), e.g. from fstat of a descriptor; asked
-    of the kernel, not through the backing file's name, so renames and symlinks there change nothing.
+def devices_backing_inode(st_dev: int, st_ino: int) -> list[LoopDevice]:
+    """Loop devices whose backing file is the inode (st_dev, st_ino), e.g. from fstat of a descriptor.
 
-    `under` (a folder the file stays in) limits the devices opened to ask: each open delays a detach another
-    process asks for at that moment, so other people's devices are left alone."""
+    Every attached device is asked through LOOP_GET_STATUS64, never through sysfs's backing_file: that path is
+    written in the namespace of whoever attached it (a previous driver container, say) and may name nothing,
+    or something else, here; renames and symlinks change nothing either."""
     wanted = (os.major(st_dev), os.minor(st_dev), st_ino)
-    prefix = os.path.realpath(under).rstrip("/") + "/" if under is not None else ""
-    return [dev for dev in attached() if dev.backing_file.startswith(prefix) and backing_inode(dev.path) == wanted]
+    matching = (f"/dev/loop{n}" for n in _attached_numbers() if backing_inode(f"/dev/loop{n}") == wanted)
+    found = (status(path) for path in matching)  # sysfs read only for the few that match: it costs ten ioctls
+    return [dev for dev in found if dev is not None]
 
 
 def _device_node(number: int) -> str:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +104,26 @@ def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype
 
 def bind_mount(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int = 0,
                remount_at: str | os.PathLike[str] | None = None) -> None:
-    """Bind `source` on `target`, then apply per-mount flags (a bind ignores them on the first call).
+    """Bind `source` on `target` carrying the per-mount flags in `flags` (ro, nosuid, ...) from the start.
 
-    When `target` is a /proc/self/fd link, pass the target's path as `remount_at`: the link still names the
-    directory under the new mount, so a remount (or the undo on failure) through it would miss the mount."""
+    The flags are set on a detached copy before it is attached (open_tree, mount_setattr, move_mount), so
+    every peer the new mount propagates to (the host's, when the driver runs in a container) gets them too; a
+    remount after the bind would only change this namespace's copy. Kernels before 5.12 (ENOSYS) get the old
+    bind then remount. When `target` is a /proc/self/fd link, pass the target's path as `remount_at`: the link
+    still names the directory under the new mount, so a remount (or its undo) through it would miss the mount."""
+    extra = flags & ~MS_BIND
+    if extra:
+        try:
+            attach_with_flags(source, target, extra)
+            return
+        except MountApiMissing:
+            pass
+    bind_then_remount(source, target, extra, remount_at)
+
+
+def bind_then_remount(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int = 0,
+                      remount_at: str | os.PathLike[str] | None = None) -> None:
+    """mount(2) MS_BIND, then MS_REMOUNT with the flags: they stay in this mount namespace (see bind_mount)."""
     mount(source, target, None, MS_BIND)
     extra = flags & ~MS_BIND
     if extra:
@@ -116,6 +133,108 @@ def bind_mount(source: str | os.PathLike[str], target: str | os.PathLike[str], f
         except OSError:
             umount(mounted)
             raise
+
+
+# The new mount API (Linux 5.2; mount_setattr 5.12). Syscalls from 424 on have one number on every
+# architecture but alpha; only the machines listed are known to us, the others use bind_then_remount.
+_MOUNT_API_SYSCALLS: dict[str, tuple[int, int, int]] = {  # open_tree, move_mount, mount_setattr
+    "x86_64": (428, 429, 442),
+    "aarch64": (428, 429, 442),
+    "arm64": (428, 429, 442),
+}
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_SYMLINKS = 0x10
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR__ATIME = 0x70
+MOUNT_ATTR_RELATIME = 0x0
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
+
+_MS_TO_ATTR = {MS_RDONLY: MOUNT_ATTR_RDONLY, MS_NOSUID: MOUNT_ATTR_NOSUID, MS_NODEV: MOUNT_ATTR_NODEV,
+               MS_NOEXEC: MOUNT_ATTR_NOEXEC, MS_NODIRATIME: MOUNT_ATTR_NODIRATIME}
+_MS_ATIME = {MS_STRICTATIME: MOUNT_ATTR_STRICTATIME, MS_NOATIME: MOUNT_ATTR_NOATIME,
+             MS_RELATIME: MOUNT_ATTR_RELATIME}
+
+
+class MountAttr(ctypes.Structure):
+    """struct mount_attr (MOUNT_ATTR_SIZE_VER0)."""
+
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class MountApiMissing(OSError):
+    """This kernel or machine has no open_tree/move_mount/mount_setattr: use bind_then_remount."""
+
+
+def mount_api_syscalls(machine: str | None = None) -> tuple[int, int, int] | None:
+    """(open_tree, move_mount, mount_setattr) syscall numbers of `machine` (default: this one), None if unknown."""
+    return _MOUNT_API_SYSCALLS.get(machine if machine is not None else platform.machine())
+
+
+def mount_attr(flags: int) -> MountAttr:
+    """The mount_attr that sets the per-mount MS_* `flags` (an atime mode replaces the one the source has)."""
+    attr = MountAttr()
+    for bit, value in _MS_TO_ATTR.items():
+        if flags & bit:
+            attr.attr_set |= value
+    # One atime mode only; when several are asked, the first here wins (mount(2) lets strictatime win too).
+    atime = [value for bit, value in _MS_ATIME.items() if flags & bit]
+    if atime:
+        attr.attr_set |= atime[0]
+        attr.attr_clr |= MOUNT_ATTR__ATIME
+    return attr
+
+
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall(number: int, *args: object) -> int:
+    result = _libc.syscall(ctypes.c_long(number), *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise MountApiMissing(err, "the kernel lacks the new mount API")
+        raise OSError(err, os.strerror(err))
+    return int(result)
+
+
+def attach_with_flags(source: str | os.PathLike[str], target: str | os.PathLike[str], flags: int) -> None:
+    """Clone `source` as a detached mount, set `flags` on it, then attach it at `target` (symlinks followed at
+    both ends, as mount(2) does). On any failure nothing is mounted: the detached copy dies with its descriptor."""
+    numbers = mount_api_syscalls()
+    if numbers is None:
+        raise MountApiMissing(errno.ENOSYS, f"no mount API syscall numbers known for {platform.machine()}")
+    open_tree, move_mount, mount_setattr = numbers
+    attr = mount_attr(flags)
+    try:
+        tree = _syscall(open_tree, ctypes.c_int(AT_FDCWD), _encode(source),
+                        ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+    except MountApiMissing:
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"mount {source} on {target}: {exc.strerror}") from None
+    try:
+        _syscall(mount_setattr, ctypes.c_int(tree), b"", ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
+                 ctypes.c_size_t(ctypes.sizeof(attr)))
+        _syscall(move_mount, ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), _encode(target),
+                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS))
+    except MountApiMissing:
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"mount {source} on {target}: {exc.strerror}") from None
+    finally:
+        os.close(tree)
 
 
 def umount(target: str | os.PathLike[str], lazy: bool = False) -> None:

@@ -84,8 +84,9 @@ def image_identity(image: Path) -> Identity | None:
 
 
 def devices_of(image: Path, ident: Identity) -> list[loop.LoopDevice]:
-    """Loop devices on the file `ident`, the image at `image` (only devices on files in its pool are asked)."""
-    return loop.devices_backing_inode(*ident, under=image.parent)
+    """Loop devices on the file `ident`, the image at `image`: found by identity alone, as the path sysfs shows
+    for a device is the attaching namespace's (a previous driver container's) and may name nothing here."""
+    return loop.devices_backing_inode(*ident)
 
 
 def device_of_target(target: str) -> str | None:
@@ -227,12 +228,32 @@ def refresh(image: Path) -> None:
 
 def detach_orphans(folders: list[Path]) -> list[str]:
     """At start-up: detach loop devices on images in our pools that no target uses (a crash between attach
-    and mount, or a volume unpublished by hand). Devices on other files are not ours and are left alone."""
+    and mount, or a volume unpublished by hand). Devices on other files are not ours and are left alone.
+
+    A device is ours when it backs, by device and inode (LOOP_GET_STATUS64), a regular file directly in a pool
+    folder; sysfs's backing_file path is written in the namespace of whoever attached it (a previous driver
+    container) and is trusted only for an image already deleted, on a pool's own filesystem."""
+    images: dict[tuple[int, int, int], str] = {}
+    pool_devices: set[tuple[int, int]] = set()
+    for folder in folders:
+        info = os.stat(folder)
+        pool_devices.add((os.major(info.st_dev), os.minor(info.st_dev)))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    images[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = entry.path
     roots = [os.path.realpath(folder) + "/" for folder in folders]
     detached = []
     for device in loop.attached():
-        backing = device.backing_file.removesuffix(" (deleted)")
-        if any(backing.startswith(root) for root in roots) and not targets_of(device.path):
+        key = loop.backing_inode(device.path)
+        if key is None:
+            continue
+        backing = images.get(key)
+        if backing is None and device.backing_file.endswith(" (deleted)") and key[:2] in pool_devices:
+            path = device.backing_file.removesuffix(" (deleted)")
+            backing = path if any(path.startswith(root) for root in roots) else None
+        if backing is not None and not targets_of(device.path):
             loop.detach(device.path)
             detached.append(device.path)
             log.info("detached %s: it backed %s but no target used it", device.path, backing)

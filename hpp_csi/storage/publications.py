@@ -76,7 +76,7 @@ class Publications:
             return []  # a symlink in the image's place is not the image: what it points to is not published
         dev = os.stat("/dev").st_dev
         found = []
-        for device in loop.devices_backing_inode(image.st_dev, image.st_ino, under=volume_path.parent):
+        for device in loop.devices_backing_inode(image.st_dev, image.st_ino):
             found += self._by_source.get((os.major(dev), os.minor(dev), "/" + os.path.basename(device.path)), [])
         return found
 

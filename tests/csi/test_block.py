@@ -18,12 +18,12 @@ from drivertools import (
     block_cap,
     create_request,
     is_mounted,
-    loops_under,
     mount_cap,
     rpc_error,
     unique,
 )
 
+from hpp_csi.linux import loop
 from hpp_csi.spec import csi_pb2 as csi
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,10 +36,10 @@ def make_block(driver: Driver, size: int = 8 * MiB, pool: str | None = None) -> 
 
 
 def loops_of(driver: Driver, volume_id: str) -> list[str]:
-    """Loop devices attached to the volume's image."""
-    image = str(driver.volume_path(volume_id))
-    return [d for d in loops_under(driver.root)
-            if Path(f"/sys/block/{os.path.basename(d)}/loop/backing_file").read_text().strip() == image]
+    """Loop devices attached to the volume's image, by the inode they back (a restarted driver container's
+    devices show a path of its dead namespace in sysfs)."""
+    image = os.stat(driver.volume_path(volume_id))
+    return [dev.path for dev in loop.devices_backing_inode(image.st_dev, image.st_ino)]
 
 
 def device_size(path: str) -> int:

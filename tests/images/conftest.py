@@ -22,23 +22,6 @@ for folder in ("csi", "importer"):
         sys.path.insert(0, str(TESTS / folder))
 pytest.register_assert_rewrite("test_identity", "test_controller", "test_node", "test_block")
 
-# Borrowed CSI tests that find real defects of the driver when it runs in a container with rshared propagation
-# (reported; fixes belong in hpp_csi/linux). Strict: once fixed, the XPASS fails and the entry must go.
-CONTAINER_DEFECTS = {
-    "TestNodePublish::test_read_only": "ro/noexec/... set by a remount after the bind stay in the container's "
-                                       "copy of the mount: per-mount flags do not propagate to the host",
-    "TestNodePublish::test_reader_only_mode_is_read_only": "as test_read_only",
-    "TestNodePublish::test_mount_flags": "as test_read_only",
-    "test_block_publication_survives_restart": "loop devices are found by /sys/.../backing_file, whose path a "
-                                               "restarted container reads relative to the old mount: not found",
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        reason = CONTAINER_DEFECTS.get(item.nodeid.split("::", 1)[-1].split("[")[0])
-        if reason is not None and item.path.name == "test_driver_image.py":
-            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 @pytest.fixture(scope="session")
