@@ -49,6 +49,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (off when not given)")
     serve.add_argument("--metrics-cert-file", type=Path, help="PEM certificate: serve metrics over HTTPS (as HPP)")
     serve.add_argument("--metrics-key-file", type=Path, help="PEM private key of --metrics-cert-file")
+    serve.add_argument("--metrics-tls", action="store_true",
+                       help="serve metrics over HTTPS; without --metrics-cert-file, with a self-signed pair made at "
+                            "start (its SHA-256 fingerprint is logged; a restart makes a new one)")
     serve.add_argument("--host-root", type=Path, default=Path("/"),
                        help="where the host's / is mounted in a container (read-only), so the check that a pool "
                             "shares the OS partition compares with the host's root, not the container's")
@@ -71,6 +74,7 @@ def run_serve(opts: argparse.Namespace) -> int:
             version=opts.version or own_version(), metrics_address=opts.metrics_address, workers=opts.workers,
             advertise_get_snapshot=opts.advertise_get_snapshot, host_root=opts.host_root,
             metrics_cert_file=opts.metrics_cert_file, metrics_key_file=opts.metrics_key_file,
+            metrics_tls=opts.metrics_tls,
         ))
         driver.start()
     except (ConfigError, PoolError, EndpointError, OSError) as exc:

@@ -1,8 +1,12 @@
-"""Prometheus metrics: per-pool capacity read at scrape time, per-RPC counts, errors and latency."""
+"""Prometheus metrics: per-pool capacity read at scrape time, per-RPC counts, errors and latency; the TLS pair
+they are served with."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from hpp_csi.storage.pools import check_path_not_shared
 from hpp_csi.storage.volumes import VolumeManager
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -89,3 +95,32 @@ class DriverMetrics:
         if errors is not None:
             errors.inc()
         latency.observe(seconds)
+
+
+def self_signed_hosts(node_id: str, listen_host: str, environ: Mapping[str, str]) -> list[str]:
+    """Names the metrics' self-signed certificate answers to: the node, the pod (its hostname, and POD_IP as HPP
+    reads it), loopback, and the listen address when it is a specific one."""
+    hosts = [node_id, socket.gethostname(), environ.get("POD_IP", ""), "localhost", "127.0.0.1", "::1"]
+    if listen_host not in ("", "0.0.0.0", "::"):
+        hosts.append(listen_host)
+    return list(dict.fromkeys(h.strip() for h in hosts if h.strip()))
+
+
+@contextmanager
+def tls_files(cert_file: Path | None, key_file: Path | None,
+              self_signed_for: Sequence[str] | None) -> Iterator[tuple[str, str] | None]:
+    """The (certificate, key) paths to load while the server starts: the given files; else, when `self_signed_for`
+    names hosts, a pair made now, whose key is on disk only until the block ends; else None (plain HTTP)."""
+    if cert_file is not None and key_file is not None:
+        yield str(cert_file), str(key_file)
+        return
+    if not self_signed_for:
+        yield None
+        return
+    from hpp_csi import tls_pair  # only when asked: cryptography's x509 costs ~30 ms at every start
+
+    pair = tls_pair.self_signed(self_signed_for, common_name=self_signed_for[0])
+    log.info("metrics: self-signed TLS certificate made for %s, SHA-256 fingerprint %s",
+             ", ".join(self_signed_for), pair.fingerprint)
+    with tls_pair.transient_files(pair) as (cert, key):
+        yield str(cert), str(key)

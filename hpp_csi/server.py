@@ -23,7 +23,7 @@ from hpp_csi.csi.controller import ControllerService
 from hpp_csi.csi.identity import IdentityService
 from hpp_csi.csi.node import NodeService
 from hpp_csi.csi.rpc import CsiInterceptor, InFlight
-from hpp_csi.metrics import DriverMetrics
+from hpp_csi.metrics import DriverMetrics, self_signed_hosts, tls_files
 from hpp_csi.spec import csi_pb2
 from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 from hpp_csi.storage import block_publish
@@ -54,6 +54,7 @@ class DriverOptions:
     host_root: Path = Path("/")  # where the host's / is seen (the pool-shares-the-OS check)
     metrics_cert_file: Path | None = None  # with metrics_key_file: metrics over HTTPS
     metrics_key_file: Path | None = None
+    metrics_tls: bool = False  # metrics over HTTPS even without files: a self-signed pair made at start
 
 
 def socket_path(endpoint: str) -> Path:
@@ -123,6 +124,8 @@ class Driver:
             raise ConfigError("--metrics-cert-file and --metrics-key-file go together: give both or neither")
         if o.metrics_cert_file is not None and not o.metrics_address:
             raise ConfigError("--metrics-cert-file needs --metrics-address (metrics are off without it)")
+        if o.metrics_tls and not o.metrics_address:
+            raise ConfigError("--metrics-tls needs --metrics-address (metrics are off without it)")
 
     def start(self) -> None:
         self.check_options()
@@ -151,19 +154,21 @@ class Driver:
         server.start()
         self._server = server
         if o.metrics_address:
-            tls = o.metrics_cert_file is not None
+            tls = o.metrics_cert_file is not None or o.metrics_tls
             try:
                 host, port = split_address(o.metrics_address)
-                self._metrics_server = start_http_server(
-                    port, host, registry=metrics.registry,
-                    certfile=str(o.metrics_cert_file) if tls else None,
-                    keyfile=str(o.metrics_key_file) if tls else None,
-                    tls_min_version=ssl.TLSVersion.TLSv1_2 if tls else None,
-                )
+                self_signed = self_signed_hosts(o.node_id, host, os.environ) if o.metrics_tls else None
+                with tls_files(o.metrics_cert_file, o.metrics_key_file, self_signed) as files:
+                    self._metrics_server = start_http_server(
+                        port, host, registry=metrics.registry,
+                        certfile=files[0] if files else None, keyfile=files[1] if files else None,
+                        tls_min_version=ssl.TLSVersion.TLSv1_2 if tls else None,
+                    )
             except (OSError, EndpointError) as exc:  # ssl.SSLError is an OSError: a bad certificate or key
                 self.stop(0)  # no half-started driver: the socket goes too
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                what = f" with certificate {o.metrics_cert_file} and key {o.metrics_key_file}" if tls else ""
+                given = o.metrics_cert_file is not None
+                what = f" with certificate {o.metrics_cert_file} and key {o.metrics_key_file}" if given else ""
                 raise EndpointError(f"cannot serve metrics on {o.metrics_address!r}{what}: {reason}") from exc
             log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
         log.info("%s %s serving %s on node %s with %d volume(s) in pools %s", o.driver_name, o.version, self.socket,

@@ -53,7 +53,10 @@ EVERYTHING: dict[str, Any] = {
             "uploadServerImage": f"{LOCAL}/hpp-csi/uploadserver:test"},
 }
 MINIMAL: dict[str, Any] = {"snapshots": {"enabled": False}, "metrics": {"enabled": False}, "hostRootCheck": False}
-CASES = {"defaults": DEFAULTS, "everything": EVERYTHING, "minimal": MINIMAL}
+# Metrics over TLS without a Secret: each pod makes a self-signed pair at start.
+SELF_SIGNED: dict[str, Any] = {**DEFAULTS, "metrics": {"port": 8443, "tls": {"enabled": True},
+                                                       "service": {"create": True}, "serviceMonitor": {"create": True}}}
+CASES = {"defaults": DEFAULTS, "everything": EVERYTHING, "minimal": MINIMAL, "self-signed-metrics": SELF_SIGNED}
 CRD_KINDS = {"VolumeSnapshotClass": "snapshot.storage.k8s.io/v1", "ServiceMonitor": "monitoring.coreos.com/v1"}
 
 
@@ -114,13 +117,15 @@ def test_driver_accepts_its_arguments_and_finds_its_files(rendered: dict[str, Re
     else:
         assert opts.host_root == Path("/")
     tls = CASES[case].get("metrics", {}).get("tls", {})
-    if tls.get("enabled"):
+    assert opts.metrics_tls is bool(tls.get("enabled"))
+    if tls.get("secretName"):
         for path in (opts.metrics_cert_file, opts.metrics_key_file):
             mount, volume = mount_of(chart, str(path))
             assert volume["secret"]["secretName"] == tls["secretName"] and mount["readOnly"] is True
         assert {opts.metrics_cert_file.name, opts.metrics_key_file.name} == {"tls.crt", "tls.key"}  # a TLS Secret
     else:
         assert opts.metrics_cert_file is None and opts.metrics_key_file is None
+        assert not [v for v in chart.pod()["volumes"] if "secret" in v]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -232,7 +237,25 @@ def test_metrics_over_tls_with_service_and_monitor(rendered: dict[str, Rendered]
     monitor = chart.one("ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert monitor["spec"]["endpoints"][0]["tlsConfig"] == {"insecureSkipVerify": True}  # one Secret, many pods
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def test_self_signed_metrics_without_a_secret(rendered: dict[str, Rendered]) -> None:
+    """TLS without a Secret: the driver makes its pair (--metrics-tls, no files), names the pod IP in it (POD_IP,
+    as HPP reads it), and the ServiceMonitor scrapes HTTPS without verifying, as NOTES.txt says."""
+    chart = rendered["self-signed-metrics"]
+    driver = chart.containers()["hpp-csi"]
+    assert "--metrics-tls" in driver["args"] and "--metrics-address=:8443" in driver["args"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in driver["env"]
+    assert "metrics-tls" not in [m["name"] for m in driver["volumeMounts"]]
+    endpoint = chart.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+    text = notes(SELF_SIGNED)
+    assert "self-signed certificate each pod makes at start" in text and "insecureSkipVerify: true" in text
+    assert "certificate of Secret hpp-metrics-tls" in notes(EVERYTHING)
+    assert "POD_IP" not in str(rendered["everything"].containers()["hpp-csi"]["env"])  # only for self-signed
+    assert "Metrics: https" not in notes(DEFAULTS)
 
 
 def test_metrics_off(rendered: dict[str, Rendered]) -> None:

@@ -81,8 +81,11 @@ Either
     --set snapshots.controllerDistributed=true (the chart grants that controller read access to Nodes), or
   - install with --set snapshots.enabled=false (no snapshots).` }}
 {{- end }}
-{{- if and .Values.metrics.tls.enabled (not .Values.metrics.tls.secretName) }}
-{{- fail "metrics.tls.enabled needs metrics.tls.secretName: a kubernetes.io/tls Secret in the release namespace (tls.crt, tls.key)" }}
+{{- if and .Values.metrics.tls.secretName (not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" (toString .Values.metrics.tls.secretName))) }}
+{{- fail (printf "metrics.tls.secretName %q is not a Secret name" (toString .Values.metrics.tls.secretName)) }}
+{{- end }}
+{{- if and .Values.metrics.tls.secretName (not .Values.metrics.tls.enabled) }}
+{{- fail "metrics.tls.secretName is set but metrics.tls.enabled is false: set metrics.tls.enabled=true to serve metrics over HTTPS" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.create (not .Values.metrics.service.create) }}
 {{- fail "metrics.serviceMonitor.create needs metrics.service.create=true (the ServiceMonitor selects that Service)" }}
