@@ -193,8 +193,8 @@ class ResumableStream:
             return data
 
     def _wait_for_body(self) -> BodyReader | None:
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 if self.offset >= self.length:
                     return None
                 if self._body is not None:
@@ -206,6 +206,11 @@ class ResumableStream:
                     raise SourceError(f"upload {self.upload_id} broke at byte {self.offset} of {self.length} "
                                       f"({self._reason}) and was not resumed within {self._hold:g} s")
                 self._cond.wait(min(left, WAIT_SLICE))
+                # Bytes taken before the break may reach the target after the park's commit (a read-ahead
+                # thread parks while the writer catches up): commit them too, so a restart loses nothing taken.
+                behind = self._body is None and self.durable is not None and self.durable.behind()
+            if behind:
+                self._commit()
 
     def _detach(self, why: str) -> bool:
         """Under the lock: no body carries the upload any more; its connection is closed so its reader returns.

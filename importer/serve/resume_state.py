@@ -314,6 +314,11 @@ class DurableUpload:
             self._last_commit = (time.monotonic(), end)
             return self.committed
 
+    def behind(self) -> bool:
+        """The writer has written bytes past the committed offset (a cheap look, no lock: a hint for a commit)."""
+        writer = self._writer
+        return self.resumable and writer is not None and writer.offset > self.committed
+
     def commit_if_due(self, taken: int) -> None:
         """While bytes flow: a commit every COMMIT_EVERY bytes or COMMIT_INTERVAL seconds."""
         when, where = self._last_commit
