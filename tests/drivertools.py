@@ -191,6 +191,13 @@ def volume_record(pool: Path, volume_id: str) -> dict[str, Any]:
     return record
 
 
+def snapshot_record(pool: Path, snapshot_id: str) -> dict[str, Any]:
+    """A snapshot's record as an operator reads it: the attribute of an empty record.json, or its content."""
+    path = pool / ".hpp-csi" / "snapshots-v2" / snapshot_id / "record.json"
+    record: dict[str, Any] = json.loads(path.read_bytes() or os.getxattr(path, RECORD_XATTR))
+    return record
+
+
 # --- roots ------------------------------------------------------------------------------------------------
 def make_root(prefix: str = "hppcsi-") -> Path:
     # Short and outside pytest's retained basetemp: the socket path must stay under 108 bytes.

@@ -2,23 +2,40 @@
 
 `write_bytes` makes the file durable itself (two flushes: the data, then the folder). `write_xattr_file` puts
 the value in an extended attribute, which the filesystem's journal carries: nothing is flushed, and one later
-fsync of the folder makes the whole change durable (the caller's group commit).
+fsync of the folder makes the whole change durable (the caller's group commit). `sync_filesystem` is for file
+content the journal does not carry (a copy where no reflink could be made).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: str | os.PathLike[str]) -> None:
+    """Write out every dirty page of the filesystem holding `path` (syncfs): copied data is page cache that no
+    journal commit of its metadata flushes, so it must reach the disk before a record points at it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
 

@@ -3,7 +3,10 @@
 A pool's snapshots live in `<volumes_dir>/.hpp-csi/snapshots-v2/<id>/`, one folder each holding `record.json`
 and `data` (a directory, or a file for block volumes), so no snapshot name can collide with another's data or
 record. A snapshot is built in `.tmp-<id>` and renamed into place with its record inside, so it exists exactly
-when its folder does; start-up removes `.tmp-*` folders (a snapshot interrupted by a crash).
+when its folder does; start-up removes `.tmp-*` folders (a snapshot interrupted by a crash). The record is an
+empty file whose attribute holds the JSON, as a volume's (store.py): the whole create, or the delete's rename
+into the trash, is journal metadata, made durable by one fsync of `snapshots-v2` shared by the calls in flight.
+Records written as content (before this, or where no attribute fits) are read as they are.
 
 Drivers before this layout kept `<id>` and `<id>.json` side by side in `.hpp-csi/snapshots/`, where the names
 `hk` and `hk.json` collided. Start-up moves each intact old snapshot into the new layout (through
@@ -27,9 +30,10 @@ from pathlib import Path
 from hpp_csi import errors
 from hpp_csi.linux import atomic
 from hpp_csi.linux.reflink import clone_file, clone_tree
-from hpp_csi.linux.safe_open import UnsafePath, open_dir, open_regular, opened
+from hpp_csi.linux.safe_open import UnsafePath, open_dir, opened
+from hpp_csi.storage.group_commit import FlushFailed
 from hpp_csi.storage.pools import StoragePool
-from hpp_csi.storage.store import BadEntry, describe, read_record_bytes
+from hpp_csi.storage.store import BadEntry, describe, read_record_file
 from hpp_csi.storage.volumes import Volume, VolumeManager, reading_tenant_data
 
 log = logging.getLogger(__name__)
@@ -84,10 +88,25 @@ def copy_entry(source: Path, destination: Path, mode: str) -> str:
     return clone_tree(source, destination).method
 
 
+def flush_copied_data(destination: Path, method: str) -> None:
+    """Copied bytes are page cache, which the journal commit that makes the snapshot exist does not write out;
+    shared extents (a reflink) are journal metadata already, and an empty tree has no data."""
+    if method in ("reflink", "none"):
+        return
+    if method == "sparse-copy" and not destination.is_dir():
+        with opened(os.open(destination, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
+            os.fdatasync(fd)  # one file: cheaper than writing out the whole filesystem
+        return
+    atomic.sync_filesystem(destination)
+
+
+def record_bytes(record: SnapshotRecord) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True, separators=(",", ":")).encode()
+
+
 def read_record(folder_fd: int, name: str) -> SnapshotRecord:
-    """The record in `name` under `folder_fd`, refusing symlinks, FIFOs, huge files and foreign IDs."""
-    with opened(open_regular(folder_fd, name)) as fd:
-        return SnapshotRecord.from_json(json.loads(read_record_bytes(fd)))
+    """The record in `name` under `folder_fd` (attribute or content), refusing symlinks, FIFOs and huge files."""
+    return SnapshotRecord.from_json(json.loads(read_record_file(folder_fd, name)))
 
 
 def data_matches(folder_fd: int, name: str, mode: str) -> str:
@@ -110,6 +129,9 @@ class SnapshotManager:
         self._guard = threading.Lock()
         self._records: dict[str, SnapshotRecord] = {}
         self._sorted: list[str] = []
+        # Made, but their flush failed: on disk (maybe only in the page cache), neither listed nor answered
+        # until a flush that started after them succeeds (`find` runs one).
+        self._unflushed: dict[str, SnapshotRecord] = {}
 
     def _bad(self, pool: StoragePool, kind: str, path: Path | str, reason: str) -> None:
         self.bad_entries.add(BadEntry(pool.name, kind, str(path), reason))
@@ -118,6 +140,8 @@ class SnapshotManager:
     def load(self) -> None:
         records: dict[str, SnapshotRecord] = {}
         for pool in self.volumes.pools.values():
+            # What a killed driver made may be only in the page cache: flush it before answering from it.
+            pool.store.snapshot_commits.wait_durable()
             folder = snapshots_dir(pool)
             with opened(open_dir(folder)) as folder_fd:
                 self._migrate(pool, folder_fd)
@@ -133,6 +157,7 @@ class SnapshotManager:
         with self._guard:
             self._records = records
             self._sorted = sorted(records)
+            self._unflushed = {}
 
     def _load_one(self, pool: StoragePool, folder_fd: int, name: str) -> SnapshotRecord | None:
         path = snapshots_dir(pool) / name
@@ -214,7 +239,7 @@ class SnapshotManager:
         with contextlib.suppress(FileExistsError):  # a migration a crash interrupted
             os.mkdir(staging, 0o700, dir_fd=folder_fd)
         record.pool = pool.name
-        atomic.write_json(snapshots_dir(pool) / staging / RECORD, asdict(record))
+        pool.store.write_record(str(snapshots_dir(pool) / staging), RECORD, record_bytes(record))
         with opened(open_dir(staging, dir_fd=folder_fd)) as staging_fd:
             os.rename(snapshot_id, DATA, src_dir_fd=legacy_fd, dst_dir_fd=staging_fd)
         self._finish_migration(pool, folder_fd, snapshot_id)
@@ -237,8 +262,23 @@ class SnapshotManager:
 
     # --- lookup -------------------------------------------------------------------------------------------
     def find(self, snapshot_id: str) -> SnapshotRecord | None:
+        """The snapshot, once durable: one whose flush failed is flushed now (FlushFailed if that fails too)."""
         with self._guard:
-            return self._records.get(snapshot_id)
+            record = self._records.get(snapshot_id)
+            pending = self._unflushed.get(snapshot_id) if record is None else None
+        if pending is None:
+            return record
+        self.volumes.pools[pending.pool].store.snapshot_commits.wait_durable()
+        with self._guard:
+            if self._unflushed.pop(snapshot_id, None) is not None:
+                self._add(pending)
+        return pending
+
+    def _add(self, record: SnapshotRecord) -> None:
+        """Index a durable snapshot (the caller holds the guard)."""
+        if record.snapshot_id not in self._records:
+            bisect.insort(self._sorted, record.snapshot_id)
+        self._records[record.snapshot_id] = record
 
     def get(self, snapshot_id: str) -> SnapshotRecord:
         record = self.find(snapshot_id)
@@ -267,20 +307,25 @@ class SnapshotManager:
             staging.mkdir(mode=0o700)
             with reading_tenant_data(description, source.path, source.record.mode):
                 method = copy_entry(source.path, staging / DATA, source.record.mode)
+            flush_copied_data(staging / DATA, method)
             record = SnapshotRecord(
                 snapshot_id=snapshot_id, source_volume_id=source.volume_id, pool=pool.name,
                 size_bytes=source.record.capacity_bytes, created_ns=time.time_ns(), mode=source.record.mode,
                 method=method,
             )
-            atomic.write_json(staging / RECORD, asdict(record))
-            os.rename(staging, final)
-            atomic.fsync_dir(final.parent)
+            pool.store.write_record(str(staging), RECORD, record_bytes(record))
+            os.rename(staging, final)  # the snapshot exists from here, once flushed
         except BaseException:
             remove_data(staging)
             raise
+        try:
+            pool.store.snapshot_commits.wait_durable()
+        except FlushFailed:
+            with self._guard:
+                self._unflushed[snapshot_id] = record  # the retry finds it, flushes, and answers it as it is
+            raise
         with self._guard:
-            self._records[snapshot_id] = record
-            bisect.insort(self._sorted, snapshot_id)
+            self._add(record)
         log.info("snapshot %s of volume %s made by %s in %.1f ms", snapshot_id, source.volume_id, method,
                  (time.perf_counter() - started) * 1e3)
         return record, True
@@ -292,18 +337,21 @@ class SnapshotManager:
             return False
         pool = self.volumes.pools[record.pool]
         trashed = pool.store.trash_dir / f"snapshot-{snapshot_id}.{time.time_ns()}"
-        try:
+        # The snapshot is gone from here, once flushed; no folder: an attempt whose flush failed moved it.
+        with contextlib.suppress(FileNotFoundError):
             os.rename(snapshots_dir(pool) / snapshot_id, trashed)
-            atomic.fsync_dir(snapshots_dir(pool))
-        except FileNotFoundError:
-            trashed = Path()
+        try:
+            pool.store.snapshot_commits.wait_durable()
+        except FlushFailed:
+            with contextlib.suppress(OSError):  # the flush's error is the one to report; start-up purges the rest
+                pool.discard_path(trashed)
+            raise  # still listed: its removal is not known to be durable
         with self._guard:
             self._records.pop(snapshot_id, None)
             at = bisect.bisect_left(self._sorted, snapshot_id)
             if at < len(self._sorted) and self._sorted[at] == snapshot_id:
                 del self._sorted[at]
-        if trashed != Path():
-            pool.discard_path(trashed)
+        pool.discard_path(trashed)  # nothing when the rename found no folder
         return True
 
     def page(self, start_after: str | None, max_entries: int, snapshot_id: str = "",

@@ -6,6 +6,7 @@ metadata, carried by the filesystem's journal, so one fsync of the records folde
 calls in flight together share that fsync (group_commit.py). Records written before this layout (or where the
 filesystem takes no such attribute, or the record is too large for one) hold the JSON as the file's content;
 both are read, and a record is rewritten in the new form the next time it changes (docs/reliability.md).
+Snapshot records (snapshots.py) take the same two forms, with a flush of their own folder.
 
 There is no global state file, so a change costs the same whatever the number of volumes. An entry that is not
 what the driver wrote (a directory, a symlink, unreadable JSON, a record naming another volume) is a BadEntry:
@@ -137,6 +138,9 @@ class MetadataStore:
 
         self.snapshots_dir = self.root / "snapshots-v2"  # one folder per snapshot: {record.json, data}
         self.legacy_snapshots_dir = self.root / "snapshots"  # before: <id> and <id>.json side by side
+        # A snapshot is made or removed by one rename in snapshots_dir: its own folder, its own shared flush
+        # (fsyncing the records folder would not force the journal past a change made only here).
+        self.snapshot_commits = GroupCommit(self._flush_snapshots, f"the snapshots in {self.snapshots_dir}")
 
     def own_folders(self) -> tuple[Path, ...]:
         return self.root, self.records_dir, self.trash_dir, self.staging_dir, self.snapshots_dir
@@ -205,8 +209,7 @@ class MetadataStore:
 
     @staticmethod
     def _read_content(volume_id: str, folder: int) -> bytes:
-        with opened(open_regular(folder, f"{volume_id}.json")) as fd:
-            return read_record_bytes(fd) or read_record_xattr(fd)
+        return read_record_file(folder, f"{volume_id}.json")
 
     def load(self, volume_id: str) -> VolumeRecord | None:
         """The record, or None when absent or unreadable (then the volume is adopted from what is on disk)."""
@@ -223,24 +226,29 @@ class MetadataStore:
         """Write the record and return once it is durable (with everything the caller changed before)."""
         data = json.dumps(record.to_json(), sort_keys=True, separators=(",", ":")).encode()
         try:
-            if not self._save_as_xattr(f"{record.volume_id}.json", data):
-                atomic.write_bytes(self.path_of(record.volume_id), data)
+            self.write_record(self._records, f"{record.volume_id}.json", data)
         except IsADirectoryError:
             raise self._not_a_record(record.volume_id) from None
         self.commits.wait_durable()
 
-    def _save_as_xattr(self, name: str, data: bytes) -> bool:
+    def write_record(self, folder: str, name: str, data: bytes) -> None:
+        """Put a record (a volume's or a snapshot's) at `folder/name`: as an attribute, durable with the next
+        flush of `folder`'s filesystem journal; as content, flushed itself, where no attribute can hold it."""
+        if not self._save_as_xattr(folder, name, data):
+            atomic.write_bytes(Path(folder, name), data)
+
+    def _save_as_xattr(self, folder: str, name: str, data: bytes) -> bool:
         if not self.xattrs or len(data) > XATTR_LIMIT:
             return False
         try:
-            atomic.write_xattr_file(self._records, name, RECORD_XATTR, data)
+            atomic.write_xattr_file(folder, name, RECORD_XATTR, data)
         except OSError as exc:
             if exc.errno not in _NO_XATTR:
                 raise
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 self.xattrs = False
                 log.warning("%s cannot hold records as %s (%s): writing them as file content, which costs a "
-                            "second flush per change", self.records_dir, RECORD_XATTR, exc.strerror)
+                            "second flush per change", folder, RECORD_XATTR, exc.strerror)
             return False
         return True
 
@@ -255,6 +263,9 @@ class MetadataStore:
     def _flush(self) -> None:
         atomic.fsync_dir(self._records)
 
+    def _flush_snapshots(self) -> None:
+        atomic.fsync_dir(self.snapshots_dir)
+
     def check_removable(self, volume_id: str) -> None:
         """Raise FAILED_PRECONDITION when the record's place holds a directory, which remove() would refuse."""
         if os.path.isdir(self.path_of(volume_id)) and not os.path.islink(self.path_of(volume_id)):
@@ -265,6 +276,13 @@ class MetadataStore:
             f"volume {volume_id!r}: {self.path_of(volume_id)} is a directory where its record file belongs; the "
             "driver leaves it alone: move it away by hand, then retry"
         )
+
+
+def read_record_file(folder: int, name: str) -> bytes:
+    """A record's JSON, either form: the file's content, or the attribute of an empty file. Refuses what is not
+    a regular file (UnsafePath) and anything too large."""
+    with opened(open_regular(folder, name)) as fd:
+        return read_record_bytes(fd) or read_record_xattr(fd)
 
 
 def read_record_xattr(fd: int) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from csikit import usage_of
-from drivertools import Driver, MiB, block_cap, create_request, rpc_error, unique, volume_record
+from drivertools import Driver, MiB, block_cap, create_request, rpc_error, snapshot_record, unique, volume_record
 
 from hpp_csi.spec import csi_pb2 as csi
 
@@ -444,7 +443,7 @@ def test_reflink_on_an_xfs_pool(spawn: Callable[..., Driver]) -> None:
         check_filled(volumes / name)
         assert (volumes / name / "blob").read_bytes() == (volumes / source / "blob").read_bytes()
     records = volumes / ".hpp-csi"
-    assert json.loads((records / "snapshots-v2" / "snap" / "record.json").read_text())["method"] == "reflink"
+    assert snapshot_record(records.parent, "snap")["method"] == "reflink"
     for name in ("restored", "clone"):
         assert volume_record(records.parent, name)["extra"]["cloned_by"] == "reflink"
     block = proc.controller.CreateVolume(create_request("img", 4 * MiB, pool="xfs", caps=[block_cap()])).volume

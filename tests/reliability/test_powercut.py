@@ -1,9 +1,10 @@
-"""A simulated power cut: every CreateVolume and DeleteVolume the driver acknowledged is on the pool's device.
+"""A simulated power cut: every CreateVolume, DeleteVolume, CreateSnapshot and DeleteSnapshot the driver
+acknowledged is on the pool's device.
 
 No device-mapper here (no dm-flakey), so the cut is a copy of the pool's loop-device backing file, taken once
 the SIGKILLed driver is gone. XFS keeps what no fsync forced in its in-memory log (the CIL) for up to 30 s;
 the copy holds only what XFS had written to the device. Mounted, the copy's log is replayed as after a power
-cut, and a fresh driver must list every acknowledged volume and none acknowledged as deleted.
+cut, and a fresh driver must list every acknowledged volume and snapshot, and none acknowledged as deleted.
 
 What it proves: the driver answers only after its change reached the device (a reply before the flush fails
 this test within a round or two; checked by removing the flush). What it does not: that the disk honoured the
@@ -52,17 +53,39 @@ def writes_completed(device: str) -> int:
 
 
 @dataclass
-class Model:
-    """What the clients were told: acknowledged volumes, and names whose last call was cut off."""
+class Kind:
+    """What the clients were told of one kind of object: acknowledged, deleted, and cut off mid-call."""
 
     alive: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     maybe: set[str] = field(default_factory=set)
+
+    def check(self, listed: set[str], what: str) -> set[str]:
+        """The acknowledged names, after checking none is lost and no acknowledged delete is undone."""
+        sure = self.alive - self.maybe  # a delete cut off may or may not have happened
+        lost = sure - listed
+        assert not lost, f"acknowledged creates of {what} lost by the power cut: {sorted(lost)}"
+        back = (listed & self.deleted) - self.maybe
+        assert not back, f"acknowledged deletes of {what} undone by the power cut: {sorted(back)}"
+        return sure
+
+
+@dataclass
+class Model:
+    """What the clients were told about volumes and snapshots."""
+
+    volumes: Kind = field(default_factory=Kind)
+    snapshots: Kind = field(default_factory=Kind)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def cut_off(self) -> int:
+        return len(self.volumes.maybe) + len(self.snapshots.maybe)
 
 
 class Clients:
-    """Threads creating (filesystem and block) and deleting volumes until the driver dies under them."""
+    """Threads creating (filesystem and block) and deleting volumes, and snapshotting them and deleting the
+    snapshots, until the driver dies under them."""
 
     def __init__(self, endpoint: str, model: Model, round_number: int) -> None:
         self.channel = grpc.insecure_channel(endpoint)
@@ -75,13 +98,24 @@ class Clients:
     def work(self, n: int) -> None:
         rng = random.Random(SEED * 1000 + self.round * 10 + n)
         mine: list[str] = []
+        snapshots: list[str] = []
         for i in range(100_000):
-            delete = mine and rng.random() < 0.35
-            name = mine.pop(rng.randrange(len(mine))) if delete else f"r{self.round}-c{n}-{i}"
+            choice = rng.random()
+            snapshot = (mine and choice < 0.15) or (snapshots and choice > 0.9)
+            kind = self.model.snapshots if snapshot else self.model.volumes
+            owned = snapshots if snapshot else mine
+            delete = bool(owned) and (choice > 0.9 if snapshot else choice > 0.6)
+            name = owned.pop(rng.randrange(len(owned))) if delete else f"r{self.round}-c{n}-{i}"
             with self.model.lock:
-                self.model.maybe.add(name)
+                kind.maybe.add(name)
             try:
-                if delete:
+                if snapshot and delete:
+                    self.stub.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=name), timeout=10)
+                elif snapshot:
+                    source = rng.choice(mine)
+                    self.stub.CreateSnapshot(csi.CreateSnapshotRequest(name=name, source_volume_id=source),
+                                             timeout=10)
+                elif delete:
                     self.stub.DeleteVolume(csi.DeleteVolumeRequest(volume_id=name), timeout=10)
                 else:
                     caps = [block_cap()] if rng.random() < 0.3 else None
@@ -90,11 +124,11 @@ class Clients:
                 return  # the driver is gone: this name stays "maybe"
             with self.model.lock:
                 self.calls += 1
-                self.model.maybe.discard(name)
-                (self.model.deleted if delete else self.model.alive).add(name)
-                (self.model.alive if delete else self.model.deleted).discard(name)
+                kind.maybe.discard(name)
+                (kind.deleted if delete else kind.alive).add(name)
+                (kind.alive if delete else kind.deleted).discard(name)
             if not delete:
-                mine.append(name)
+                owned.append(name)
 
     def start(self) -> None:
         for t in self.threads:
@@ -131,17 +165,17 @@ def check_copy(root: Path, copy: Path, model: Model) -> int:
         try:
             after.start()
             listed = set(after.listed_ids())
+            reply = after.controller.ListSnapshots(csi.ListSnapshotsRequest(), timeout=10)
+            snapshots = {e.snapshot.snapshot_id for e in reply.entries}
         finally:
             after.kill()
-        sure = model.alive - model.maybe  # a delete cut off may or may not have happened
-        lost = sure - listed
-        assert not lost, f"acknowledged creates lost by the power cut: {sorted(lost)}"
-        back = (listed & model.deleted) - model.maybe
-        assert not back, f"acknowledged deletes undone by the power cut: {sorted(back)}"
+        sure = model.volumes.check(listed, "volumes")
         for name in sure:
             assert os.path.lexists(pool / name), f"{name}: record kept but not its data"
             assert volume_record(pool, name)["capacity_bytes"] == MiB
-        return len(sure) + len(model.deleted)
+        # A listed snapshot had a readable record naming it and data of its mode: the fresh driver checked.
+        sure_snapshots = model.snapshots.check(snapshots, "snapshots")
+        return len(sure) + len(model.volumes.deleted) + len(sure_snapshots) + len(model.snapshots.deleted)
     finally:
         subprocess.run(["umount", str(mount_point)], capture_output=True, check=False)
         subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
@@ -175,8 +209,8 @@ def test_acknowledged_changes_survive_a_power_cut(capsys: pytest.CaptureFixture[
             copy_at_rest(image, device, root / "cut.img")
             clients.join()
             survivors = check_copy(root, root / "cut.img", model)
-            figures.append(f"round {number}: {clients.calls} acknowledged calls, {survivors} volumes checked, "
-                           f"{len(model.maybe)} cut off")
+            figures.append(f"round {number}: {clients.calls} acknowledged calls, {survivors} volumes and "
+                           f"snapshots checked, {model.cut_off} cut off")
             assert clients.calls > 20, "too few calls before the kill to judge anything"
         with capsys.disabled():
             print(f"\npower-cut test: seed {SEED}, direct I/O {'on' if direct else 'off'}; " + "; ".join(figures))
