@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cramjam
 from drivertools import Driver, make_root, unique
-from test_upload_daemon import Daemon, Node
+from nodekit import Daemon, Node
 from uploadkit import HPP_IMPORTER
 
 MiB = 1024 * 1024

@@ -14,6 +14,7 @@ import pytest
 import trustme
 from imageserver import ImageServer, Route
 from impkit import BASE_SIZE, Images, LoopDevice, MiB, run
+from nodekit import Node, started_node
 from registrykit import RegistryKit
 
 
@@ -152,3 +153,10 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryKit]:
     registries = RegistryKit(tmp_path_factory.mktemp("registry"))
     yield registries
     registries.close()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    """A real driver and `hpp-importer serve` on its pools (clients stalled for 1 s are dropped)."""
+    with started_node("--stall-timeout", "1") as started:
+        yield started

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 from impkit import MiB, compare, run
-from test_upload_daemon import Daemon, Node
-from test_upload_daemon import node as node  # the fixture: a real driver and `hpp-importer serve`
+from nodekit import Daemon, Node
 from test_upload_resume import request, resumed_at, upload
 from uploadkit import HPP_IMPORTER, Certs, CuttingProxy, UploadServerProcess, leftovers, make_certs
 

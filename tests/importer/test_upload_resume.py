@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from impkit import MiB, compare, run
-from test_upload_daemon import Node
-from test_upload_daemon import node as node  # the fixture: a real driver and `hpp-importer serve`
+from nodekit import Node
 from uploadkit import HPP_IMPORTER, CuttingProxy, UploadServerProcess, curl, leftovers, make_certs
 
 from importer.upload_client import ImageFile
