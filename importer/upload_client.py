@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from importer.deadline import DEFAULT_STALL_TIMEOUT
 from importer.errors import ConfigError, ImporterError
 from importer.progress_bar import TransferProgress
 from importer.units import KiB, MiB, human
@@ -37,7 +38,6 @@ PREFETCH = 4  # blocks read ahead of the socket
 ANSWER_LIMIT = 64 * KiB  # an error text longer than this is not a message, it is noise
 MESSAGE_LIMIT = 300  # characters of the server's text kept in our one-line error
 DEFAULT_WAIT_READY = 60.0
-DEFAULT_STALL_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_RESPONSE_TIMEOUT = 3600.0  # a synchronous upload answers only after conversion, which can take long
 DEFAULT_CONTINUE_WAIT = 1.0  # as curl: a server that never answers `Expect: 100-continue` gets the body anyway

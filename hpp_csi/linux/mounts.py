@@ -217,14 +217,10 @@ def attach_with_flags(source: str | os.PathLike[str], target: str | os.PathLike[
         raise MountApiMissing(errno.ENOSYS, f"no mount API syscall numbers known for {platform.machine()}")
     open_tree, move_mount, mount_setattr = numbers
     attr = mount_attr(flags)
+    tree = -1
     try:
         tree = _syscall(open_tree, ctypes.c_int(AT_FDCWD), _encode(source),
                         ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
-    except MountApiMissing:
-        raise
-    except OSError as exc:
-        raise OSError(exc.errno, f"mount {source} on {target}: {exc.strerror}") from None
-    try:
         _syscall(mount_setattr, ctypes.c_int(tree), b"", ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
                  ctypes.c_size_t(ctypes.sizeof(attr)))
         _syscall(move_mount, ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), _encode(target),
@@ -234,7 +230,8 @@ def attach_with_flags(source: str | os.PathLike[str], target: str | os.PathLike[
     except OSError as exc:
         raise OSError(exc.errno, f"mount {source} on {target}: {exc.strerror}") from None
     finally:
-        os.close(tree)
+        if tree >= 0:  # the detached copy goes with its descriptor: nothing stays mounted on a failure
+            os.close(tree)
 
 
 def umount(target: str | os.PathLike[str], lazy: bool = False) -> None:

@@ -20,9 +20,12 @@ from importer.clone.receiver import TargetTooSmall
 from importer.clone.serve import CONTENT_TYPE_HEADER, PREALLOCATION_HEADER
 from importer.clone.source import CloneSource
 from importer.clone.wire import CONTENT_TYPE, END_HEAD, Digest, encode_block_parts, encode_header
+from importer.deadline import DEFAULT_STALL_TIMEOUT
 from importer.progress_bar import TransferProgress
 from importer.units import human
 from importer.upload_client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_WAIT_READY,
     ID_HEADER,
     OFFSET_HEADER,
     USER_AGENT,
@@ -47,9 +50,9 @@ class CloneRequest:
     insecure: bool = False
     compress: bool = False
     preallocation: bool = False
-    wait_ready: float = 60.0
-    stall_timeout: float = 60.0
-    connect_timeout: float = 10.0
+    wait_ready: float = DEFAULT_WAIT_READY
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     response_timeout: float = 600.0
     retries: int = 5
 
