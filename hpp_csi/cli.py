@@ -55,7 +55,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     serve.add_argument("--host-root", type=Path, default=Path("/"),
                        help="where the host's / is mounted in a container (read-only), so the check that a pool "
                             "shares the OS partition compares with the host's root, not the container's")
-    serve.add_argument("--workers", type=int, default=16, help="threads serving calls")
+    serve.add_argument("--workers", type=int, default=16,
+                       help="threads serving calls at most: 4 take every call, more start only for calls that "
+                            "waited 50 ms for one (hpp_csi/csi/call_pool.py)")
     serve.add_argument("--advertise-get-snapshot", action="store_true",
                        help="advertise GET_SNAPSHOT (CSI 1.12 alpha; csi-sanity before v5.5.0 rejects it)")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at SIGTERM")

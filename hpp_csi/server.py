@@ -11,7 +11,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from hpp_csi.config import ConfigError, PoolConfig
+from hpp_csi.csi.call_pool import CallPool
 from hpp_csi.csi.controller import ControllerService
 from hpp_csi.csi.identity import IdentityService
 from hpp_csi.csi.node import NodeService
@@ -112,6 +113,7 @@ class Driver:
         self.health = health.HealthServicer()
         self.socket = socket_path(options.endpoint)
         self._server: grpc.Server | None = None
+        self._pool: CallPool | None = None
         self._metrics_server: Any = None
         self.stopped = threading.Event()
 
@@ -136,10 +138,10 @@ class Driver:
         block_publish.detach_orphans([pool.volumes_dir for pool in self.pools])
         metrics = self.metrics = DriverMetrics(self.manager, self.options.host_root)
         claim_socket(self.socket)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="csi"),
-            interceptors=[CsiInterceptor(metrics, self.in_flight)],
-        )
+        self._pool = CallPool(self.options.workers)
+        # grpc.server is typed for a ThreadPoolExecutor but calls only submit(), which any Executor has.
+        server = grpc.server(cast(futures.ThreadPoolExecutor, self._pool),
+                             interceptors=[CsiInterceptor(metrics, self.in_flight)])
         o = self.options
         csi_grpc.add_IdentityServicer_to_server(IdentityService(o.driver_name, o.version, self.manager), server)
         controller = ControllerService(self.manager, self.snapshots, o.node_id, o.advertise_get_snapshot)
@@ -186,10 +188,14 @@ class Driver:
         log.info("stopping: waiting for %d call(s) in flight", self.in_flight.count)
         self._server.stop(grace).wait()
         self._server = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)  # its threads are idle now, or held by calls the grace did not end
         if self._metrics_server is not None:
             http_server, _thread = self._metrics_server
             http_server.shutdown()
             self._metrics_server = None
         self.socket.unlink(missing_ok=True)
+        for pool in self.pools:
+            pool.store.close()
         self.stopped.set()
         log.info("stopped")

@@ -9,6 +9,7 @@ import shutil
 import stat
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +183,8 @@ class StoragePool:
 
     def discard(self, volume_id: str) -> None:
         """Remove a volume's data: first moved aside atomically, then deleted without following symlinks."""
-        source = self.volume_path(volume_id)
-        trashed = self.store.trash_dir / f"{volume_id}.{time.time_ns()}"
+        source = f"{self.volumes_dir}/{volume_id}"
+        trashed = f"{self.store.trash_dir}/{volume_id}.{time.time_ns()}"
         try:
             os.rename(source, trashed)
         except FileNotFoundError:
@@ -206,12 +207,20 @@ class StoragePool:
             self._delete(path)
 
     @staticmethod
-    def _delete(path: Path) -> None:
-        if path.is_dir() and not path.is_symlink():
+    def _delete(path: str | Path) -> None:
+        try:
+            os.rmdir(path)  # an empty directory (a volume never written to) in one call; never follows a symlink
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EBUSY):
+                raise
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
-            path.unlink(missing_ok=True)
-
+            with suppress(FileNotFoundError):
+                os.unlink(path)  # a file, or a symlink itself, never what it points to
     def __repr__(self) -> str:
         return f"StoragePool({self.name!r}, {str(self.volumes_dir)!r})"
 

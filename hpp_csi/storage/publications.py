@@ -7,14 +7,14 @@ import stat
 from pathlib import Path
 
 from hpp_csi.linux import loop
-from hpp_csi.linux.mounts import MOUNTINFO, MountEntry, escape, mount_sources, parse_mountinfo
+from hpp_csi.linux.mounts import MountEntry, escape, mount_sources, parse_mountinfo, read_mountinfo
 
 
 class Publications:
     """A snapshot of the mount table that answers 'where is this volume bind-mounted?'."""
 
     def __init__(self) -> None:
-        self._text = MOUNTINFO.read_text()
+        self._text = read_mountinfo()
         self._sources: dict[tuple[int, int, str], list[str]] | None = None
         self._table: list[MountEntry] | None = None
         self._fs_of_dir: dict[str, tuple[int, int, str]] = {}

@@ -101,6 +101,9 @@ class BadEntries:
         with self._guard:
             self._entries.pop(path, None)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def counts(self) -> Counter[tuple[str, str]]:
         with self._guard:
             return Counter((e.pool, e.kind) for e in self._entries.values())
@@ -131,7 +134,8 @@ class MetadataStore:
         self._records = str(self.records_dir)
         # Every create, change and delete of a record renames or unlinks in records_dir, after the volume's own
         # changes: fsyncing that folder forces the journal past all of them (XFS and ext4 commit in order).
-        self.commits = GroupCommit(self._flush, f"the records in {self.records_dir}")
+        self._records_flush = atomic.FolderFlush(self._records)
+        self.commits = GroupCommit(self._records_flush, f"the records in {self.records_dir}")
         self.xattrs = True  # records as attributes; False once the filesystem refused one
         self.trash_dir = self.root / "trash"
         self.staging_dir = self.root / "staging"
@@ -140,7 +144,8 @@ class MetadataStore:
         self.legacy_snapshots_dir = self.root / "snapshots"  # before: <id> and <id>.json side by side
         # A snapshot is made or removed by one rename in snapshots_dir: its own folder, its own shared flush
         # (fsyncing the records folder would not force the journal past a change made only here).
-        self.snapshot_commits = GroupCommit(self._flush_snapshots, f"the snapshots in {self.snapshots_dir}")
+        self._snapshots_flush = atomic.FolderFlush(self.snapshots_dir)
+        self.snapshot_commits = GroupCommit(self._snapshots_flush, f"the snapshots in {self.snapshots_dir}")
 
     def own_folders(self) -> tuple[Path, ...]:
         return self.root, self.records_dir, self.trash_dir, self.staging_dir, self.snapshots_dir
@@ -260,15 +265,18 @@ class MetadataStore:
             raise self._not_a_record(volume_id) from None
         self.commits.wait_durable()
 
-    def _flush(self) -> None:
-        atomic.fsync_dir(self._records)
-
-    def _flush_snapshots(self) -> None:
-        atomic.fsync_dir(self.snapshots_dir)
+    def close(self) -> None:
+        """Let go of the folders' descriptors (the driver stops)."""
+        self._records_flush.close()
+        self._snapshots_flush.close()
 
     def check_removable(self, volume_id: str) -> None:
         """Raise FAILED_PRECONDITION when the record's place holds a directory, which remove() would refuse."""
-        if os.path.isdir(self.path_of(volume_id)) and not os.path.islink(self.path_of(volume_id)):
+        try:
+            st = os.lstat(f"{self._records}/{volume_id}.json")
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
             raise self._not_a_record(volume_id)
 
     def _not_a_record(self, volume_id: str) -> errors.CsiError:

@@ -459,7 +459,8 @@ class VolumeManager:
             record.extra["project"] = spec.pool.assign_quota(path, spec.capacity_bytes)
 
     def _remember(self, record: VolumeRecord) -> None:
-        self.bad_entries.forget(str(self.pools[record.pool].store.path_of(record.volume_id)))
+        if self.bad_entries:  # a path built only when something could be forgotten: this is every create's path
+            self.bad_entries.forget(str(self.pools[record.pool].store.path_of(record.volume_id)))
         with self._guard:
             if record.volume_id not in self._index:
                 bisect.insort(self._sorted, record.volume_id)
@@ -507,7 +508,8 @@ class VolumeManager:
             volume.pool.release_quota(volume.path)
         volume.pool.discard(volume_id)
         volume.pool.store.remove(volume_id)
-        self.bad_entries.forget(str(volume.pool.store.path_of(volume_id)))
+        if self.bad_entries:
+            self.bad_entries.forget(str(volume.pool.store.path_of(volume_id)))
         with self._guard:
             self._index.pop(volume_id, None)
             self._records.pop(volume_id, None)

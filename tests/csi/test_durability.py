@@ -70,16 +70,16 @@ def spec(manager: VolumeManager, name: str, mode: str = "mount", **kwargs: Any) 
 
 def failing_flush(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[int]:
     """The next `failures` flushes of the records folder fail with EIO; returns [flushes attempted]."""
-    real = atomic.fsync_dir
+    real = atomic.FolderFlush.__call__
     attempts = [0]
 
-    def flaky(path: str | os.PathLike[str]) -> None:
+    def flaky(self: atomic.FolderFlush) -> None:
         attempts[0] += 1
         if attempts[0] <= failures:
             raise OSError(errno.EIO, "Input/output error")
-        real(path)
+        real(self)
 
-    monkeypatch.setattr(atomic, "fsync_dir", flaky)
+    monkeypatch.setattr(atomic.FolderFlush, "__call__", flaky)
     return attempts
 
 
@@ -252,6 +252,7 @@ def xfs_manager(tmp_path: Path) -> Iterator[VolumeManager]:
         manager.load()
         yield manager
     finally:
+        pool.store.close()  # its flush descriptor would keep the filesystem busy
         unmount_pool(config)
 
 
