@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hpp_csi import ctl, logs
 from hpp_csi.config import CR_VOLUMES_SUBDIR, ConfigError, PoolConfig, load_cr, parse_datadir
+from hpp_csi.csi.call_pool import CORE
 from hpp_csi.linux.xfs import CommandFailed, DeviceNotBlank
 from hpp_csi.server import DEFAULT_DRIVER_NAME, Driver, DriverOptions, EndpointError
 from hpp_csi.storage.pool_device import PoolDeviceError, mount_pool, unmount_pool
@@ -56,8 +57,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                        help="where the host's / is mounted in a container (read-only), so the check that a pool "
                             "shares the OS partition compares with the host's root, not the container's")
     serve.add_argument("--workers", type=int, default=16,
-                       help="threads serving calls at most: 4 take every call, more start only for calls that "
-                            "waited 50 ms for one (hpp_csi/csi/call_pool.py)")
+                       help="threads serving calls at most")
+    serve.add_argument("--core-workers", type=int, default=CORE,
+                       help="threads that take every call; more (up to --workers) start only for calls that waited "
+                            "50 ms for one. Few threads keep Python's lock uncontended (hpp_csi/csi/call_pool.py)")
     serve.add_argument("--advertise-get-snapshot", action="store_true",
                        help="advertise GET_SNAPSHOT (CSI 1.12 alpha; csi-sanity before v5.5.0 rejects it)")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at SIGTERM")
@@ -74,6 +77,7 @@ def run_serve(opts: argparse.Namespace) -> int:
         driver = Driver(DriverOptions(
             node_id=opts.nodeid, endpoint=opts.endpoint, pools=pools, driver_name=opts.drivername,
             version=opts.version or own_version(), metrics_address=opts.metrics_address, workers=opts.workers,
+            core_workers=opts.core_workers,
             advertise_get_snapshot=opts.advertise_get_snapshot, host_root=opts.host_root,
             metrics_cert_file=opts.metrics_cert_file, metrics_key_file=opts.metrics_key_file,
             metrics_tls=opts.metrics_tls,

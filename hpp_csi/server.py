@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from hpp_csi.config import ConfigError, PoolConfig
-from hpp_csi.csi.call_pool import CallPool
+from hpp_csi.csi.call_pool import CORE, CallPool
 from hpp_csi.csi.controller import ControllerService
 from hpp_csi.csi.identity import IdentityService
 from hpp_csi.csi.node import NodeService
@@ -50,7 +50,8 @@ class DriverOptions:
     driver_name: str = DEFAULT_DRIVER_NAME
     version: str = "dev"
     metrics_address: str | None = None
-    workers: int = 16
+    workers: int = 16  # threads serving calls at most
+    core_workers: int = CORE  # threads that take every call; more start only for calls that waited
     advertise_get_snapshot: bool = False
     host_root: Path = Path("/")  # where the host's / is seen (the pool-shares-the-OS check)
     metrics_cert_file: Path | None = None  # with metrics_key_file: metrics over HTTPS
@@ -138,7 +139,7 @@ class Driver:
         block_publish.detach_orphans([pool.volumes_dir for pool in self.pools])
         metrics = self.metrics = DriverMetrics(self.manager, self.options.host_root)
         claim_socket(self.socket)
-        self._pool = CallPool(self.options.workers)
+        self._pool = CallPool(self.options.workers, core=self.options.core_workers)
         # grpc.server is typed for a ThreadPoolExecutor but calls only submit(), which any Executor has.
         server = grpc.server(cast(futures.ThreadPoolExecutor, self._pool),
                              interceptors=[CsiInterceptor(metrics, self.in_flight)])

@@ -95,6 +95,7 @@ class ControllerService(csi_grpc.ControllerServicer):
         # GetSnapshot always works; advertising it is opt-in because csi-sanity v5.4.0 fails its capability
         # test on any capability it does not know, and GET_SNAPSHOT (CSI 1.12, alpha) came in v5.5.0.
         self.capabilities = (*CAPABILITIES, RPC.GET_SNAPSHOT) if advertise_get_snapshot else CAPABILITIES
+        self._topology = node_topology(node_id)  # copied into each answer, never changed
 
     def to_message(self, volume: Volume) -> csi.Volume:
         record = volume.record
@@ -102,7 +103,7 @@ class ControllerService(csi_grpc.ControllerServicer):
             volume_id=record.volume_id,
             capacity_bytes=record.capacity_bytes,
             volume_context=record.context,
-            accessible_topology=[node_topology(self.node_id)],
+            accessible_topology=[self._topology],
         )
         source = record.content_source or {}
         if "snapshot" in source:
