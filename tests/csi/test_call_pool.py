@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
+import grpc
 import pytest
 
-from hpp_csi.csi.call_pool import CallPool
+from hpp_csi.config import parse_datadir
+from hpp_csi.csi.call_pool import CORE, CallPool
+from hpp_csi.csi.identity import IdentityService
+from hpp_csi.server import Driver, DriverOptions
+from hpp_csi.spec import csi_pb2 as csi
+from hpp_csi.spec import csi_pb2_grpc as csi_grpc
 
 
 def wait_until(check: object, timeout: float = 5.0) -> None:
@@ -86,3 +94,36 @@ def test_cancelled_calls_are_skipped() -> None:
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_probe_is_answered_while_long_calls_hold_every_core_thread(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through real gRPC on a unix socket, the driver in-process: GetPluginInfo is made slow on purpose (it stands
+    for a long call: a full copy, a slow mount), 4 of them hold the 4 core threads, and a Probe still answers."""
+    release = threading.Event()
+    real = IdentityService.GetPluginInfo
+
+    def slow(self: IdentityService, request: csi.GetPluginInfoRequest,
+             context: grpc.ServicerContext) -> csi.GetPluginInfoResponse:
+        release.wait(30)
+        return real(self, request, context)
+
+    monkeypatch.setattr(IdentityService, "GetPluginInfo", slow)
+    pools = parse_datadir(json.dumps([{"name": "legacy", "path": str(tmp_path / "pool")}]))
+    driver = Driver(DriverOptions(node_id="n", endpoint=f"unix://{tmp_path}/csi.sock", pools=pools))
+    driver.start()
+    channel = grpc.insecure_channel(f"unix://{tmp_path}/csi.sock")
+    identity = csi_grpc.IdentityStub(channel)
+    try:
+        held = [identity.GetPluginInfo.future(csi.GetPluginInfoRequest(), timeout=30) for _ in range(CORE)]
+        wait_until(lambda: driver.in_flight.count == CORE)
+        started = time.monotonic()
+        assert identity.Probe(csi.ProbeRequest(), timeout=5).ready.value
+        assert time.monotonic() - started < 2.0
+        assert driver._pool is not None and driver._pool.threads == CORE + 1
+        release.set()
+        assert all(future.result(10).name for future in held)
+    finally:
+        release.set()
+        channel.close()
+        driver.stop(5)
