@@ -383,6 +383,11 @@ def report(now: Figures, before: Figures | None, before_ref: str, f_samples: lis
         f"(Little's law), {8000 / rate_target:.1f} ms at the target rate; the tail on top of it comes from the 2 "
         f"cores shared with the clients and the disk's flushes (F's own p99 in this run: {pct(f_samples, 0.99):.2f} "
         "ms). A run on a busy machine shows it: other work on these 2 cores moves every figure.",
+        "- Run to run (three full runs on 2026-12-01 after the call pool, against 2a0a723): CreateVolume at 8 "
+        "clients 1,605 and 1,736/s with p99 7.0 and 6.6 ms on a quiet machine, 1,139/s with p99 15.0 ms while "
+        "another job wrote gigabytes to the same disk (F's p99 then 1.6 ms, 3x its quiet value); DeleteVolume "
+        "1,793 to 2,090/s, p99 5.9 to 9.6 ms. The 4-vs-16 threads table favoured 4 threads in every one of its "
+        "rounds but one (a p99 of 48 ms in the disturbed run).",
     ]
     return "\n".join([
         "## CSI operations (`bench/csi_ops.py`)",
