@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -31,25 +32,28 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 class FolderFlush:
     """fsync of one folder through a descriptor opened on first use and kept: a flush on every change then
-    costs one system call, not three. For folders the driver made and never replaces (its records folders);
-    callers serialise flushes (a GroupCommit runs one at a time)."""
+    costs one system call, not three. For folders the driver made and never replaces (its records folders).
+    A lock keeps close() from freeing the descriptor under a flush: a reused number would flush another file."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self._lock = threading.Lock()  # uncontended: a GroupCommit runs one flush at a time
         self._fd: int | None = None
         self._finalizer: weakref.finalize[[int], FolderFlush] | None = None
 
     def __call__(self) -> None:
-        fd = self._fd
-        if fd is None:
-            fd = self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            self._finalizer = weakref.finalize(self, os.close, fd)  # a store dropped without close()
-        os.fsync(fd)
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                fd = self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self._finalizer = weakref.finalize(self, os.close, fd)  # a store dropped without close()
+            os.fsync(fd)
 
     def close(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-        self._fd = self._finalizer = None
+        with self._lock:
+            if self._finalizer is not None:
+                self._finalizer()
+            self._fd = self._finalizer = None
 
 
 def sync_filesystem(path: str | os.PathLike[str]) -> None:
