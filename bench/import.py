@@ -255,6 +255,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep bench-run/import afterwards")
     parser.add_argument("--only-qcow2-stream", action="store_true",
                         help="only the qcow2-as-a-stream table (its own section, import-qcow2-stream)")
+    parser.add_argument("--no-report", action="store_true", help="print the tables only, leave docs/ alone")
     args = parser.parse_args()
     work = fresh(REPO / "bench-run" / "import")
     size = args.size * MiB
@@ -279,7 +280,8 @@ def main() -> int:
     for section, text in (("import", lines), ("import-qcow2-stream", stream_lines)):
         if text:
             text += ["", load.format(*os.getloadavg())]
-            update_section(section, "\n".join(text))
+            if not args.no_report:
+                update_section(section, "\n".join(text))
             print("\n".join(text))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import queue
 import resource
 import signal
@@ -13,9 +14,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from gzip import BadGzipFile
 from typing import IO, Any, Protocol, cast
 
-from zlib_ng import zlib_ng
+from zlib_ng import gzip_ng, zlib_ng
 
 from importer.errors import ChecksumMismatch, ConfigError, ImageTooLarge, InvalidImage, ToolError
 from importer.formats import GZIP, HEADER_SIZE, XZ, ZSTD, decompressor_command, is_compression, sniff
@@ -174,49 +176,46 @@ class FilterProcess:
 
 
 class GzipReader:
-    """gzip decoded in-process by zlib-ng: 3x faster than zlib and pigz here (see the benchmark), no pipe copy.
+    """gzip decoded in-process by zlib-ng's gzip reader: 3x faster than zlib and pigz here (see the benchmark).
 
-    Handles concatenated members (pigz and `cat a.gz b.gz` produce them); zlib-ng releases the GIL while
-    inflating and checks each member's CRC and length as zlib does.
+    Handles concatenated members (pigz and `cat a.gz b.gz` produce them) and zero padding after the last one, as
+    `gzip -d` does; each member's CRC and length are checked, and inflating releases the GIL. Its reader is C
+    (headers, members, output buffers): 2.5x less CPU per byte than a decompressobj loop in Python, which copied
+    the input's tail and joined the output pieces.
     """
 
     def __init__(self, upstream: Reader) -> None:
         self._upstream = upstream
-        self._input = b""
-        self._decoder: Any = None  # the decompressobj type has no public name
-        self._upstream_done = False
+        # gzip_ng.GzipFile (zlib-ng's gzip.GzipFile) has no annotations.
+        self._gzip = gzip_ng.GzipFile(fileobj=_ReadInto(upstream), mode="rb")  # type: ignore[no-untyped-call]
 
     def read(self, size: int, /) -> bytes:
-        parts: list[bytes] = []
-        got = 0
-        while got < size:
-            if not self._input:
-                if self._upstream_done:
-                    break
-                self._input = self._upstream.read(CHUNK)
-                if not self._input:
-                    self._upstream_done = True
-                    if self._decoder is not None:
-                        raise InvalidImage("gzip decompression failed: unexpected end of input")
-                    break
-            if self._decoder is None:
-                self._decoder = zlib_ng.decompressobj(wbits=31)
-            try:
-                out = self._decoder.decompress(self._input, size - got)
-            except ZlibError as err:
-                raise InvalidImage(f"gzip decompression failed: {err}") from err
-            if self._decoder.eof:
-                self._input = self._decoder.unused_data
-                self._decoder = None
-            else:
-                self._input = self._decoder.unconsumed_tail
-            if out:
-                parts.append(out)
-                got += len(out)
-        return b"".join(parts)
+        try:
+            return self._gzip.read(size)
+        except EOFError as err:
+            raise InvalidImage("gzip decompression failed: unexpected end of input") from err
+        except (ZlibError, BadGzipFile) as err:
+            raise InvalidImage(f"gzip decompression failed: {err}") from err
 
     def close(self) -> None:
         self._upstream.close()
+
+
+class _ReadInto(io.RawIOBase):
+    """A Reader as the file object zlib-ng's gzip reader fills its input buffer from (readinto); never closed by
+    it (GzipReader.close closes the upstream)."""
+
+    def __init__(self, upstream: Reader) -> None:
+        super().__init__()
+        self._upstream = upstream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._upstream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class ReadAhead:

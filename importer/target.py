@@ -119,6 +119,11 @@ class ZeroPolicy(Enum):
     WRITE = "write"  # full preallocation where fallocate is unsupported: write the zeros
 
 
+def has_zero_block(data: bytes) -> bool:
+    """Whether data holds ZERO_BLOCK zero bytes in a row anywhere: only then can a write of it leave a hole."""
+    return _ZERO_BLOCK in data
+
+
 class SparseWriter:
     """Writes image bytes, turning all-zero 4 KiB blocks into holes (or zeros, by policy).
 
@@ -172,6 +177,14 @@ class SparseWriter:
             os.pwrite(self._fd, data, offset)
         else:
             self._write_mixed(offset, data)
+
+    def write_dense(self, offset: int, data: memoryview) -> None:
+        """write_at for bytes with no all-zero ZERO_BLOCK anywhere (has_zero_block), at least ZERO_BLOCK of them,
+        often a view into a larger chunk: nothing to make a hole of, so one pwrite, no copy, no scan."""
+        end = offset + len(data)
+        if end > self._limit:
+            raise ImageTooLarge(end, self._limit, at_least=True)
+        os.pwrite(self._fd, data, offset)
 
     def _write_mixed(self, offset: int, data: bytes) -> None:
         run_start, run_zero = 0, data[:ZERO_BLOCK] == _ZEROS[: min(ZERO_BLOCK, len(data))]

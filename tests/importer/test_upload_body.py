@@ -1,4 +1,4 @@
-"""BodyReader against real sockets (plain and TLS): framing, whole-MiB reads from 16 KiB records, breaks, deadlines."""
+"""BodyReader against real sockets (plain and TLS): framing, whole reads from 16 KiB records, breaks, deadlines."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import trustme
 
 from importer.deadline import Deadlines, ProgressWatch
 from importer.errors import ImporterError, ProgressStopped, SourceError
+from importer.qcow2_stream import READ_CHUNK
 from importer.serve import body as body_module
 from importer.serve.body import BUFFER_SIZE, POLL_INTERVAL, BadRequest, BodyReader
 
@@ -188,3 +189,23 @@ def test_many_small_chunks_across_the_buffer_edge(pair: tuple[socket.socket, soc
     while data := body.read(rng.randint(1, 3 * 4096)):
         got.append(data)
     assert b"".join(got) == b"".join(pieces)
+
+
+def test_tls_body_hands_over_whole_streaming_chunks(tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket]) -> None:
+    """A read of the streaming reader's chunk size is one read of that size, not 1 MiB pieces joined later."""
+    server, client = tls_pair
+    data = os.urandom(3 * READ_CHUNK + 5000)
+    # The last record holds the body's end and the next bytes: those stay for whatever reads the socket next.
+    sender = threading.Thread(target=lambda: client.sendall(data + b"NEXT"), daemon=True)
+    sender.start()
+    body = BodyReader(server, len(data), False, ProgressWatch(Deadlines(stall_timeout=60, min_rate=0)),
+                      threading.Event())
+    sizes, parts = [], []
+    while chunk := body.read(READ_CHUNK):
+        sizes.append(len(chunk))
+        parts.append(chunk)
+    sender.join(10)
+    assert b"".join(parts) == data and body.eof and body.count == len(data)
+    assert sizes == [READ_CHUNK] * 3 + [5000], sizes
+    server.settimeout(5)
+    assert server.recv(16) == b"NEXT"  # never a byte past the body
