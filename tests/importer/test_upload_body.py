@@ -206,6 +206,8 @@ def test_tls_body_hands_over_whole_streaming_chunks(tls_pair: tuple[ssl.SSLSocke
         parts.append(chunk)
     sender.join(10)
     assert b"".join(parts) == data and body.eof and body.count == len(data)
-    assert sizes == [READ_CHUNK] * 3 + [5000], sizes
+    # A read may come back short when the sender is slow (a read stays open at most POLL_INTERVAL), so not every
+    # size is pinned: reads beyond the old 1 MiB cap must happen, and none beyond the chunk asked for.
+    assert READ_CHUNK in sizes and max(sizes) == READ_CHUNK, sizes
     server.settimeout(5)
     assert server.recv(16) == b"NEXT"  # never a byte past the body
