@@ -168,12 +168,10 @@ class SparseWriter:
         return end
 
     def write_at(self, offset: int, data: bytes) -> None:
-        end = offset + len(data)
-        if end > self._limit:
-            raise ImageTooLarge(end, self._limit, at_least=True)
+        self._check_limit(offset + len(data))
         if data == _ZEROS[: len(data)]:
             self.zero(offset, len(data))
-        elif _ZERO_BLOCK not in data:  # no 4 KiB run of zeros anywhere: one write, no per-block scan
+        elif not has_zero_block(data):  # no 4 KiB run of zeros anywhere: one write, no per-block scan
             os.pwrite(self._fd, data, offset)
         else:
             self._write_mixed(offset, data)
@@ -181,10 +179,12 @@ class SparseWriter:
     def write_dense(self, offset: int, data: memoryview) -> None:
         """write_at for bytes with no all-zero ZERO_BLOCK anywhere (has_zero_block), at least ZERO_BLOCK of them,
         often a view into a larger chunk: nothing to make a hole of, so one pwrite, no copy, no scan."""
-        end = offset + len(data)
+        self._check_limit(offset + len(data))
+        os.pwrite(self._fd, data, offset)
+
+    def _check_limit(self, end: int) -> None:
         if end > self._limit:
             raise ImageTooLarge(end, self._limit, at_least=True)
-        os.pwrite(self._fd, data, offset)
 
     def _write_mixed(self, offset: int, data: bytes) -> None:
         run_start, run_zero = 0, data[:ZERO_BLOCK] == _ZEROS[: min(ZERO_BLOCK, len(data))]
